@@ -1,0 +1,354 @@
+"""The public operations: :func:`convert`, :func:`inspect`, :func:`verify`.
+
+Pipeline of a conversion: detect the format -> catalogue the tensors from metadata -> choose and
+name them -> plan shards -> Rust writes every shard (headers first, copies straight from the
+memory-mapped sources, GIL released) into a temporary sibling of the destination -> side files and
+index -> rename into place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastckpt import _core
+from fastckpt._core import FastckptError, MappingError
+from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
+from fastckpt.checkpoint import info_of
+from fastckpt.detect import open_catalogue
+from fastckpt.hf_files import (
+    copy_side_files,
+    find_side_files,
+    fsync_dir,
+    index_bytes,
+    shard_names,
+    tie_word_embeddings,
+    write_file,
+)
+
+PathLike = str | os.PathLike[str]
+Progress = Callable[[int, int], object]
+
+_FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
+_DTYPE_OPTIONS = {"bf16": "BF16", "fp16": "F16", "fp32": "F32", "bfloat16": "BF16",
+                  "float16": "F16", "float32": "F32"}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def parse_size(value: int | str) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units, as transformers); ``"512MiB"`` binary."""
+    if isinstance(value, int):
+        if value <= 0:
+            raise FastckptError(f"shard size must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise FastckptError(f"invalid size {value!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise FastckptError(f"shard size must be positive, got {value!r}")
+    return size
+
+
+def _target_dtype(dtype: str | None) -> str | None:
+    if dtype is None or dtype == "keep":
+        return None
+    try:
+        return _DTYPE_OPTIONS[dtype.lower()]
+    except KeyError:
+        raise FastckptError(f"invalid dtype {dtype!r} (use keep, bf16, fp16 or fp32)") from None
+
+
+@dataclass
+class ConvertReport:
+    """What :func:`convert` wrote."""
+
+    dst: Path
+    files: list[str]
+    n_tensors: int
+    nbytes: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`inspect` finds: the model tensors and what a conversion leaves out."""
+
+    path: Path
+    format: str
+    tensors: list[TensorInfo]
+    total_bytes: int
+    skipped: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    """Result of a bitwise comparison of two checkpoints."""
+
+    ok: bool
+    n_tensors: int
+    mismatches: list[str]
+    only_in_a: list[str]
+    only_in_b: list[str]
+    reasons: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _select(
+    cat: Catalogue, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[str]:
+    inc = [re.compile(p) for p in include or ()]
+    exc = [re.compile(p) for p in exclude or ()]
+    names = []
+    for name, meta in cat.tensors.items():
+        chosen = meta.is_model or any(p.search(name) or p.search(meta.key) for p in inc)
+        if chosen and not any(p.search(name) for p in exc):
+            names.append(name)
+    return names
+
+
+def _same_tensor(a: TensorEntry, b: TensorEntry) -> bool:
+    if a.meta.dtype != b.meta.dtype or a.meta.shape != b.meta.shape:
+        return False
+    return _core.digest(a.source()) == _core.digest(b.source())
+
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s.is_relative_to(d):
+        raise FastckptError(f"destination {dst} contains the source {src}; choose another folder")
+    if d.is_relative_to(s if s.is_dir() else s.parent) and s.is_dir():
+        raise FastckptError(f"destination {dst} is inside the source {src}; choose another folder")
+    if dst.exists() and not overwrite:
+        raise FastckptError(f"destination {dst} already exists (use --overwrite / overwrite=True)")
+    if dst.exists() and not dst.is_dir():
+        raise FastckptError(f"destination {dst} exists and is not a directory")
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    config_from: PathLike | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    num_threads: int | None = None,
+    copy_files: bool = True,
+    overwrite: bool = False,
+    fsync: bool = True,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """Convert a checkpoint into a Hugging Face folder (safetensors shards + index + side files).
+
+    Args:
+        src: the checkpoint (a DCP directory, or a safetensors folder to reshard).
+        dst: the folder to create; it appears complete or not at all.
+        dtype: ``None``/``"keep"`` (default: never change what was trained), ``"bf16"``,
+            ``"fp16"`` or ``"fp32"``; casts floating tensors only and updates config.json.
+        max_shard_size: largest shard, ``"5GB"`` style (decimal units) or bytes.
+        config_from: folder to copy config/tokenizer files from (default: found beside ``src``).
+        include: regexes adding tensors by name or source key (e.g. optimizer state).
+        exclude: regexes removing tensors by output name.
+        num_threads: copy threads (default ``FASTCKPT_NUM_THREADS`` or the CPU count).
+        copy_files: copy config, tokenizer and template files.
+        overwrite: replace an existing ``dst``.
+        fsync: make the output durable before it is renamed into place.
+        progress: ``progress(done_bytes, total_bytes)``, called about every 100 ms.
+
+    Returns:
+        A :class:`ConvertReport`.
+    """
+    start = time.perf_counter()
+    src_p, dst_p = Path(src), Path(dst)
+    target = _target_dtype(dtype)
+    shard_limit = parse_size(max_shard_size)
+    cat = open_catalogue(src_p)
+    _check_paths(src_p, dst_p, overwrite)
+    names = _select(cat, include, exclude)
+    if not names:
+        raise MappingError(f"{src_p}: no model tensors selected (see `fastckpt inspect`)")
+    warnings: list[str] = []
+
+    if config_from is not None:
+        cfg_dir = Path(config_from)
+        if not cfg_dir.is_dir():
+            raise FileNotFoundError(2, "config folder not found", str(cfg_dir))
+        side = find_side_files([cfg_dir])
+    else:
+        side = find_side_files(cat.side_dirs)
+    config = side.config
+    if copy_files and config is None:
+        looked = [str(config_from)] if config_from else [str(d) for d in cat.side_dirs]
+        warnings.append(
+            "no config.json found (looked in: " + ", ".join(looked) + "); wrote the weights "
+            "only: transformers cannot load the folder until you add config and tokenizer "
+            "files (pass --config-from DIR, e.g. the base model's folder)"
+        )
+
+    entries = cat.locate(names)
+    by_name = {e.name: e for e in entries}
+    if LM_HEAD in by_name and EMBED in by_name and tie_word_embeddings(config):
+        if _same_tensor(by_name[LM_HEAD], by_name[EMBED]):
+            entries = [e for e in entries if e.name != LM_HEAD]
+        else:
+            warnings.append(
+                f"config.json ties the word embeddings but {LM_HEAD} differs from {EMBED}: "
+                "kept both; transformers may re-tie them on load"
+            )
+
+    jobs: list[tuple[TensorEntry, str]] = []
+    for e in entries:
+        out = target if target is not None and e.meta.dtype in _FLOATS else e.meta.dtype
+        jobs.append((e, out))
+    sizes = [e.meta.numel * _core.dtype_size(out) for e, out in jobs]
+    plan = _core.plan_shards(sizes, shard_limit)
+    files = shard_names(len(plan)) if plan else []
+
+    dst_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst_p.parent / f".{dst_p.name}.fastckpt-tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        shards = [
+            (fname, [(jobs[i][0].source(), jobs[i][1]) for i in idx])
+            for fname, idx in zip(files, plan, strict=True)
+        ]
+        nbytes = _core.write_shards(
+            str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
+        )
+        written = list(files)
+        if len(files) > 1:
+            weight_map = {
+                jobs[i][0].name: fname for fname, idx in zip(files, plan, strict=True) for i in idx
+            }
+            params = sum(e.meta.numel for e, _ in jobs)
+            write_file(
+                tmp / "model.safetensors.index.json",
+                index_bytes(weight_map, sum(sizes), params),
+                fsync=fsync,
+            )
+            written.append("model.safetensors.index.json")
+        if copy_files:
+            cast_to = target if target is not None else None
+            written += copy_side_files(side, tmp, cast_to=cast_to, fsync=fsync)
+        if fsync:
+            fsync_dir(tmp)
+        _move_into_place(tmp, dst_p, overwrite=overwrite, fsync=fsync)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertReport(
+        dst=dst_p,
+        files=written,
+        n_tensors=len(jobs),
+        nbytes=nbytes,
+        seconds=time.perf_counter() - start,
+        warnings=warnings,
+    )
+
+
+def _move_into_place(tmp: Path, dst: Path, *, overwrite: bool, fsync: bool) -> None:
+    if dst.exists():
+        if not overwrite:
+            raise FastckptError(f"destination {dst} already exists (use --overwrite)")
+        old = dst.parent / f".{dst.name}.fastckpt-old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            os.rename(old, dst)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+    if fsync:
+        fsync_dir(dst.parent)
+
+
+def inspect(path: PathLike) -> CheckpointInfo:
+    """Describe a checkpoint: format, model tensors (dtype, shape, chunks), what is skipped."""
+    cat = open_catalogue(path)
+    infos = [info_of(m) for m in cat.tensors.values() if m.is_model]
+    skipped = [m.key for m in cat.tensors.values() if not m.is_model] + cat.skipped
+    return CheckpointInfo(
+        path=Path(path),
+        format=cat.format,
+        tensors=infos,
+        total_bytes=sum(i.nbytes for i in infos),
+        skipped=skipped,
+        notes=list(cat.notes),
+    )
+
+
+def _tied_omission(missing_side: Catalogue, other: Catalogue, name: str) -> bool:
+    """``lm_head.weight`` absent on one side because the other side's copy equals the embedding."""
+    if name != LM_HEAD or EMBED not in other.tensors or EMBED not in missing_side.tensors:
+        return False
+    head, embed = other.locate([LM_HEAD, EMBED])
+    return _same_tensor(head, embed)
+
+
+def verify(a: PathLike, b: PathLike) -> VerifyReport:
+    """Compare the model tensors of two checkpoints bit for bit (names, dtypes, shapes, bytes).
+
+    A checkpoint and its converted folder verify as equal even when the conversion left out an
+    ``lm_head.weight`` identical to the tied embedding.
+    """
+    ca, cb = open_catalogue(a), open_catalogue(b)
+    names_a, names_b = ca.model_names(), cb.model_names()
+    set_a, set_b = set(names_a), set(names_b)
+    common = [n for n in names_a if n in set_b]
+    only_a = [n for n in names_a if n not in set_b]
+    only_b = [n for n in names_b if n not in set_a]
+    notes = []
+    for side, missing, other in ((only_a, cb, ca), (only_b, ca, cb)):
+        if LM_HEAD in side and _tied_omission(missing, other, LM_HEAD):
+            side.remove(LM_HEAD)
+            notes.append(f"{LM_HEAD} omitted on one side: equal to the tied {EMBED}")
+    reasons: dict[str, str] = {}
+    entries_a = {e.name: e for e in ca.locate(common)}
+    entries_b = {e.name: e for e in cb.locate(common)}
+    for name in common:
+        ea, eb = entries_a[name], entries_b[name]
+        if ea.meta.dtype != eb.meta.dtype:
+            reasons[name] = f"dtype {ea.meta.dtype} != {eb.meta.dtype}"
+        elif ea.meta.shape != eb.meta.shape:
+            reasons[name] = f"shape {list(ea.meta.shape)} != {list(eb.meta.shape)}"
+        elif _core.digest(ea.source()) != _core.digest(eb.source()):
+            reasons[name] = "bytes differ"
+    mismatches = [n for n in common if n in reasons]
+    return VerifyReport(
+        ok=not mismatches and not only_a and not only_b,
+        n_tensors=len(common),
+        mismatches=mismatches,
+        only_in_a=only_a,
+        only_in_b=only_b,
+        reasons=reasons,
+        notes=notes,
+    )

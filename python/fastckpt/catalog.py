@@ -1,0 +1,122 @@
+"""The catalogue: every tensor of a checkpoint as name, dtype, shape and stored chunks.
+
+Every source format (DCP today; torch.save zips and Megatron later) reduces to the same shape: a
+global tensor made of boxes placed at global offsets, each box a strided view of a byte range of
+some file. The Rust core only ever sees these boxes (:class:`Chunk`), so one planner and one copy
+engine serve every format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from fastckpt._core import MappingError
+
+
+class Chunk(NamedTuple):
+    """One stored box of a tensor (the ``Chunk`` tuple of ``fastckpt._core``)."""
+
+    path: str
+    data_offset: int
+    data_len: int
+    storage_offset: int
+    strides: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A tensor as the metadata describes it, before its chunks are located.
+
+    Attributes:
+        name: output name (Hugging Face name for model tensors, the source key otherwise).
+        key: the key in the source checkpoint.
+        dtype: safetensors dtype name (``"BF16"``, ``"F32"``, ...).
+        shape: global shape.
+        n_chunks: number of stored chunks (zero-size ones included).
+        is_model: part of the model's weights (as opposed to optimizer or trainer state).
+    """
+
+    name: str
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    n_chunks: int
+    is_model: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor with its chunks located: what the Rust core needs to copy it."""
+
+    meta: TensorMeta
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    def source(self) -> tuple[str, str, list[int], list[Chunk]]:
+        """The ``Source`` tuple of ``fastckpt._core``."""
+        return (self.meta.name, self.meta.dtype, list(self.meta.shape), list(self.chunks))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What ``inspect`` and ``Checkpoint.info`` report about one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: int
+    nbytes: int
+
+
+class Reader(Protocol):
+    """What each format module provides."""
+
+    def locate(self, metas: list[TensorMeta]) -> list[TensorEntry]:
+        """Locate the chunks of ``metas`` (batched: each source file is opened once)."""
+        ...
+
+
+@dataclass
+class Catalogue:
+    """Every tensor of one checkpoint.
+
+    Attributes:
+        format: ``"dcp"`` or ``"safetensors"``.
+        path: the checkpoint directory (or file).
+        tensors: every tensor entry, model and non-model, by output name, in source key order.
+        skipped: non-tensor entries (BYTE_IO items, ...) by source key, never converted.
+        side_dirs: directories where config and tokenizer files may be found, best first.
+        notes: remarks found while reading (e.g. the wrapper that was stripped).
+    """
+
+    format: str
+    path: Path
+    reader: Reader
+    tensors: dict[str, TensorMeta]
+    skipped: list[str] = field(default_factory=list)
+    side_dirs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def model_names(self) -> list[str]:
+        return [name for name, meta in self.tensors.items() if meta.is_model]
+
+    def meta(self, name: str) -> TensorMeta:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MappingError(f"{self.path}: no tensor named {name!r}") from None
+
+    def locate(self, names: list[str]) -> list[TensorEntry]:
+        return self.reader.locate([self.meta(n) for n in names])

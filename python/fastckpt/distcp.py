@@ -1,0 +1,324 @@
+"""PyTorch Distributed Checkpoint (DCP) directories: ``.metadata`` + ``__R_N.distcp``.
+
+``.metadata`` is unpickled with the restricted unpickler; each chunk's bytes are located inside its
+``.distcp`` item (a whole ``torch.save`` zip) from the item's central directory and ``data.pkl``.
+No tensor data is read here. Format facts: ``shared/formats/dcp.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from fastckpt._core import FormatError, ShapeError
+from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
+from fastckpt.torch_pickle import (
+    METADATA_GLOBALS,
+    TORCH_TO_ST,
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorRef,
+    TensorStorageMetadata,
+    TorchZip,
+    open_fd,
+    restricted_loads,
+)
+
+#: size cap for a ``.metadata`` pickle (real ones are KB to a few MB; Megatron's can be larger)
+MAX_METADATA_BYTES = 2_000_000_000
+
+#: wrappers around the model state dict, as planner_data path prefixes, best first
+MODEL_WRAPPERS: tuple[tuple[str, ...], ...] = (
+    ("model",),  # NeMo RL, torchtitan, plain {"model": sd}
+    ("fsdp_checkpoint", "model"),  # RLinf
+    ("app", "model"),  # prime-rl
+    ("state_dict",),
+    ("module",),
+)
+
+#: module-wrapper name components that never belong in a Hugging Face name
+_WRAPPER_PARTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+_RANK_METADATA = re.compile(r"^__\d+\.metadata$")
+
+
+def is_dcp_dir(path: Path) -> bool:
+    """True if ``path`` looks like a DCP directory (complete or not)."""
+    if not path.is_dir():
+        return False
+    if (path / ".metadata").is_file():
+        return True
+    return any(name.endswith(".distcp") or _RANK_METADATA.match(name) for name in os.listdir(path))
+
+
+def _load_metadata_file(path: Path) -> Metadata:
+    size = path.stat().st_size
+    if size > MAX_METADATA_BYTES:
+        raise FormatError(f"{path}: metadata file is implausibly large ({size} bytes)")
+    md = restricted_loads(path.read_bytes(), allowed=METADATA_GLOBALS, source=str(path))
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
+        raise FormatError(f"{path}: not a DCP metadata file (got {type(md).__name__})")
+    if md.storage_data is None:
+        raise FormatError(f"{path}: metadata has no storage_data")
+    return md
+
+
+def _merge_rank_metadata(paths: list[Path]) -> Metadata:
+    """Merge per-rank ``__R.metadata`` files (``use_collectives=False``): chunks deduplicated."""
+    merged = Metadata()
+    merged.state_dict_metadata = {}
+    merged.storage_data = {}
+    merged.planner_data = {}
+    for path in paths:
+        md = _load_metadata_file(path)
+        for fqn, item in md.state_dict_metadata.items():
+            have = merged.state_dict_metadata.get(fqn)
+            if have is None:
+                if isinstance(item, TensorStorageMetadata):
+                    copy = TensorStorageMetadata()
+                    copy.__dict__.update(item.__dict__)
+                    copy.chunks = list(item.chunks)
+                    item = copy
+                merged.state_dict_metadata[fqn] = item
+            elif isinstance(have, TensorStorageMetadata):
+                if not isinstance(item, TensorStorageMetadata) or tuple(item.size) != tuple(
+                    have.size
+                ):
+                    raise FormatError(f"{path}: entry {fqn!r} disagrees with another rank's")
+                seen = {tuple(c.offsets) for c in have.chunks}
+                for chunk in item.chunks:
+                    if tuple(chunk.offsets) not in seen:
+                        seen.add(tuple(chunk.offsets))
+                        have.chunks.append(chunk)
+        merged.storage_data.update(md.storage_data)
+        if md.planner_data:
+            merged.planner_data.update(md.planner_data)
+    return merged
+
+
+def load_metadata(directory: Path) -> Metadata:
+    """Load ``.metadata`` (or merge ``__R.metadata`` files); say so when the save is unfinished."""
+    global_md = directory / ".metadata"
+    if global_md.is_file():
+        return _load_metadata_file(global_md)
+    per_rank = sorted(p for p in directory.iterdir() if _RANK_METADATA.match(p.name))
+    if per_rank:
+        return _merge_rank_metadata(per_rank)
+    tmp = " (.metadata.tmp exists)" if (directory / ".metadata.tmp").exists() else ""
+    raise FormatError(
+        f"{directory}: no .metadata file{tmp}: the DCP save did not finish (rank 0 writes "
+        ".metadata last), so this checkpoint is incomplete"
+    )
+
+
+def normalise_name(name: str) -> str:
+    """Drop module-wrapper components (``_fsdp_wrapped_module.``, ``_orig_mod.``, ``module.``)."""
+    name = _WRAPPER_PARTS.sub(r"\1", name)
+    return name.removeprefix("module.")
+
+
+def _paths(md: Metadata) -> dict[str, tuple[Any, ...]]:
+    planner = md.planner_data or {}
+    out: dict[str, tuple[Any, ...]] = {}
+    for fqn in md.state_dict_metadata:
+        path = planner.get(fqn)
+        out[fqn] = tuple(path) if isinstance(path, tuple | list) and path else (fqn,)
+    return out
+
+
+def _choose_wrapper(paths: dict[str, tuple[Any, ...]], tensor_keys: list[str]) -> tuple[Any, ...]:
+    prefixes = {paths[k][:-1] for k in tensor_keys}
+    for wrapper in MODEL_WRAPPERS:
+        if wrapper in prefixes:
+            return wrapper
+    if not prefixes or prefixes == {()}:
+        return ()
+    ending_in_model = [p for p in prefixes if p and p[-1] == "model"]
+    if len(ending_in_model) == 1:
+        return ending_in_model[0]
+    if () in prefixes:
+        return ()
+    shown = ", ".join(sorted(".".join(map(str, p)) for p in prefixes))
+    raise FormatError(
+        f"cannot tell which entries hold the model weights (top-level groups: {shown}); "
+        "use include= / --include to pick tensors by name"
+    )
+
+
+def read_dcp(directory: Path) -> Catalogue:
+    """Catalogue a DCP directory from its metadata alone (no item is opened)."""
+    md = load_metadata(directory)
+    paths = _paths(md)
+    tensor_keys = [
+        k for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+    ]
+    wrapper = _choose_wrapper(paths, tensor_keys)
+    tensors: dict[str, TensorMeta] = {}
+    skipped: list[str] = []
+    model_keys: dict[str, str] = {}
+    for key, item in md.state_dict_metadata.items():
+        if isinstance(item, BytesStorageMetadata) or not isinstance(item, TensorStorageMetadata):
+            skipped.append(key)
+            continue
+        path = paths[key]
+        is_model = path[:-1] == wrapper
+        torch_dtype = str(item.properties.dtype)
+        st_dtype = TORCH_TO_ST.get(torch_dtype)
+        if st_dtype is None:
+            if is_model:
+                raise FormatError(
+                    f"{directory}: tensor {key!r} has dtype {torch_dtype}, which safetensors "
+                    "cannot store"
+                )
+            skipped.append(key)
+            continue
+        name = normalise_name(str(path[-1])) if is_model else key
+        if is_model:
+            if "_flat_param" in name:
+                raise FormatError(
+                    f"{directory}: tensor {key!r} is an FSDP1 flat parameter (LOCAL_STATE_DICT); "
+                    "flat parameters have no per-tensor shapes and cannot be converted: save with "
+                    "SHARDED_STATE_DICT or FSDP2"
+                )
+            if name in model_keys:
+                raise FormatError(
+                    f"{directory}: keys {model_keys[name]!r} and {key!r} both map to {name!r}"
+                )
+            model_keys[name] = key
+        elif name in tensors:  # a non-model key equal to a model name: keep the model one
+            name = "__" + key
+        tensors[name] = TensorMeta(
+            name=name,
+            key=key,
+            dtype=st_dtype,
+            shape=tuple(int(s) for s in item.size),
+            n_chunks=len(item.chunks),
+            is_model=is_model,
+        )
+    parent = directory.parent
+    side_dirs = [
+        directory,
+        directory / "huggingface",
+        directory / "hf",
+        parent / "huggingface",
+        parent / "hf",
+        parent / "tokenizer",
+        parent,
+    ]
+    notes = []
+    if wrapper:
+        notes.append(f"model weights under {'.'.join(map(str, wrapper))}.")
+    return Catalogue(
+        format="dcp",
+        path=directory,
+        reader=DcpReader(directory, md),
+        tensors=tensors,
+        skipped=skipped,
+        side_dirs=side_dirs,
+        notes=notes,
+    )
+
+
+class DcpReader:
+    """Locates the chunks of DCP tensors inside their ``.distcp`` items."""
+
+    def __init__(self, directory: Path, md: Metadata) -> None:
+        self.directory = directory
+        self.md = md
+
+    def locate(self, metas: list[TensorMeta]) -> list[TensorEntry]:
+        # (file, item offset, item length, fqn, chunk metadata) grouped by file
+        by_file: dict[str, list[tuple[int, int, TensorMeta, Any]]] = defaultdict(list)
+        found: dict[tuple[str, tuple[int, ...]], Chunk] = {}
+        for meta in metas:
+            item = self.md.state_dict_metadata[meta.key]
+            for chunk in item.chunks:
+                sizes = tuple(int(s) for s in chunk.sizes)
+                if 0 in sizes:
+                    continue  # zero-size chunks (uneven DTensor tails) hold nothing
+                info = self.md.storage_data.get(MetadataIndex(meta.key, tuple(chunk.offsets)))
+                if info is None:
+                    raise FormatError(
+                        f"{self.directory}: no storage entry for tensor {meta.key!r} chunk at "
+                        f"{tuple(chunk.offsets)}"
+                    )
+                if info.transform_descriptors:
+                    raise FormatError(
+                        f"{self.directory}: tensor {meta.key!r} is stored with transforms "
+                        f"{list(info.transform_descriptors)} (e.g. ZStandard compression); "
+                        "fastckpt reads only uncompressed DCP items"
+                    )
+                by_file[str(info.relative_path)].append(
+                    (int(info.offset), int(info.length), meta, chunk)
+                )
+        for rel, items in by_file.items():
+            path = self.directory / rel
+            fd = self._open(path, items[0][2])
+            try:
+                size = os.fstat(fd).st_size
+                for offset, length, meta, chunk in items:
+                    found[(meta.key, tuple(chunk.offsets))] = self._chunk(
+                        path, fd, size, offset, length, meta, chunk
+                    )
+            finally:
+                os.close(fd)
+        out = []
+        for meta in metas:
+            item = self.md.state_dict_metadata[meta.key]
+            chunks = tuple(
+                found[(meta.key, tuple(c.offsets))]
+                for c in item.chunks
+                if (meta.key, tuple(c.offsets)) in found
+            )
+            out.append(TensorEntry(meta, chunks))
+        return out
+
+    def _open(self, path: Path, meta: TensorMeta) -> int:
+        try:
+            return open_fd(str(path))
+        except FileNotFoundError:
+            raise FormatError(
+                f"{path}: missing data file (needed for tensor {meta.key!r})"
+            ) from None
+
+    def _chunk(
+        self, path: Path, fd: int, size: int, offset: int, length: int, meta: TensorMeta, chunk: Any
+    ) -> Chunk:
+        where = f"tensor {meta.key!r}"
+        if offset < 0 or length < 0 or offset + length > size:
+            raise FormatError(
+                f"{path}: {where} needs bytes [{offset}, {offset + length}) but the file has "
+                f"{size} bytes (truncated?)"
+            )
+        try:
+            archive = TorchZip(str(path), fd, offset, length)
+            ref = archive.load_pickle()
+            if not isinstance(ref, TensorRef):
+                raise FormatError(f"{path}: item at byte {offset} is not a tensor")
+            entry = archive.storage(ref.storage)
+        except FormatError as exc:
+            raise FormatError(f"{exc} ({where})") from None
+        sizes = tuple(int(s) for s in chunk.sizes)
+        if ref.shape != sizes:
+            raise ShapeError(
+                f"{path}: {where} chunk at {tuple(chunk.offsets)} stores shape {ref.shape}, "
+                f"metadata says {sizes}"
+            )
+        st = TORCH_TO_ST.get(ref.dtype)
+        if st != meta.dtype:
+            raise FormatError(
+                f"{path}: {where} is stored as {ref.dtype}, metadata says {meta.dtype}"
+            )
+        return Chunk(
+            path=str(path),
+            data_offset=entry.data_offset,
+            data_len=entry.size,
+            storage_offset=ref.storage_offset,
+            strides=ref.stride,
+            offsets=tuple(int(o) for o in chunk.offsets),
+            sizes=sizes,
+        )

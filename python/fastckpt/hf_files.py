@@ -1,0 +1,163 @@
+"""The non-weight files of a Hugging Face folder: config, tokenizer, templates, index.
+
+Everything is copied byte for byte; the only edit ever made is the dtype entry of ``config.json``
+when the weights are cast (a textual replacement, so the rest of the file is untouched).
+Rules: ``shared/formats/hf-output.md`` §3-§6.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: file names (or glob patterns) copied verbatim from a config/tokenizer folder
+SIDE_FILE_PATTERNS: tuple[str, ...] = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "*.model",
+    "*.tiktoken",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+)
+#: custom modeling code is copied only from the folder that holds config.json
+CODE_PATTERN = "*.py"
+TEMPLATE_DIR = "additional_chat_templates"
+
+_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_DTYPE_ENTRY = re.compile(rb'("(?:torch_)?dtype"\s*:\s*)"[A-Za-z0-9_.]*"')
+
+
+@dataclass
+class SideFiles:
+    """Side files found for a checkpoint: output name -> source path."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    config_dir: Path | None = None
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        path = self.files.get("config.json")
+        if path is None:
+            return None
+        try:
+            value = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+
+def find_side_files(dirs: list[Path]) -> SideFiles:
+    """Collect side files from ``dirs`` (best first); the first folder with a name wins."""
+    found = SideFiles()
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        names = sorted(os.listdir(d))
+        has_config = "config.json" in names and "config.json" not in found.files
+        if has_config:
+            found.config_dir = d
+        for name in names:
+            path = d / name
+            if not path.is_file() or name in found.files:
+                continue
+            if any(fnmatch.fnmatchcase(name, pat) for pat in SIDE_FILE_PATTERNS) or (
+                has_config and fnmatch.fnmatchcase(name, CODE_PATTERN)
+            ):
+                found.files[name] = path
+        templates = d / TEMPLATE_DIR
+        if templates.is_dir():
+            for tpl in sorted(templates.glob("*.jinja")):
+                found.files.setdefault(f"{TEMPLATE_DIR}/{tpl.name}", tpl)
+    return found
+
+
+def tie_word_embeddings(config: dict[str, Any] | None) -> bool:
+    """Whether the language model's embeddings are tied (``text_config`` governs VLMs)."""
+    if not config:
+        return False
+    text = config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        return bool(text["tie_word_embeddings"])
+    return bool(config.get("tie_word_embeddings", False))
+
+
+def update_config_dtype(raw: bytes, dtype: str) -> bytes:
+    """Replace every ``"dtype"``/``"torch_dtype"`` string value in config.json bytes."""
+    name = _DTYPE_NAMES[dtype].encode()
+    return _DTYPE_ENTRY.sub(lambda m: m.group(1) + b'"' + name + b'"', raw)
+
+
+def copy_side_files(side: SideFiles, dst: Path, *, cast_to: str | None, fsync: bool) -> list[str]:
+    """Copy side files into ``dst`` byte for byte (config dtype updated when casting)."""
+    written = []
+    for name, src in side.files.items():
+        target = dst / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if name == "config.json" and cast_to is not None:
+            _write_bytes(target, update_config_dtype(src.read_bytes(), cast_to), fsync=fsync)
+        else:
+            shutil.copyfile(src, target)
+            if fsync:
+                _fsync_path(target)
+        written.append(name)
+    return written
+
+
+def index_bytes(weight_map: dict[str, str], total_size: int, total_parameters: int) -> bytes:
+    """``model.safetensors.index.json`` exactly as transformers writes it."""
+    index = {
+        "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+        "weight_map": weight_map,
+    }
+    return (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_bytes(path: Path, data: bytes, *, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_file(path: Path, data: bytes, *, fsync: bool) -> None:
+    _write_bytes(path, data, fsync=fsync)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames and new entries in it are durable."""
+    try:
+        _fsync_path(path)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass

@@ -1,0 +1,566 @@
+"""Restricted unpickling of torch metadata, and torch.save zip archives, without torch.
+
+Two kinds of pickle reach fastckpt:
+
+* DCP ``.metadata`` files: plain ``pickle.dump(Metadata)`` of a handful of dataclasses.
+* ``data.pkl`` inside a ``torch.save`` zip (every DCP item is one): a call to
+  ``torch._utils._rebuild_tensor_v2`` on a persistent storage reference.
+
+Both are read by :class:`RestrictedUnpickler`, which maps an allow-list of ``(module, name)``
+globals to local stand-ins and refuses everything else with :class:`FormatError`. Nothing named in
+a pickle is ever imported or called, so a malicious file cannot execute code.
+
+Zip archives are read with the standard :mod:`zipfile` over a window of the source file, so an
+archive embedded at any offset of a ``.distcp`` file is handled, zip64 included.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fastckpt._core import FormatError
+
+# --------------------------------------------------------------------------------------------
+# dtypes
+
+#: torch dtype name -> safetensors dtype name (None: torch knows it, safetensors cannot store it)
+TORCH_TO_ST: dict[str, str | None] = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "complex64": "C64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e8m0fnu": "F8_E8M0",
+    "complex128": None,
+    "complex32": None,
+    "float8_e4m3fnuz": None,
+    "float8_e5m2fnuz": None,
+    "float4_e2m1fn_x2": None,
+}
+
+#: legacy typed storage class -> torch dtype name
+STORAGE_DTYPES: dict[str, str] = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+}
+
+_ITEM_SIZES: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "complex64": 8,
+    "complex128": 16,
+    "complex32": 4,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e8m0fnu": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float4_e2m1fn_x2": 1,
+}
+
+
+def torch_itemsize(dtype: str) -> int:
+    """Item size in bytes of a torch dtype name (``"bfloat16"`` -> 2)."""
+    try:
+        return _ITEM_SIZES[dtype]
+    except KeyError:
+        raise FormatError(f"unsupported torch dtype {dtype!r}") from None
+
+
+class DType(str):
+    """A torch dtype named in a pickle (``torch.bfloat16`` becomes ``DType("bfloat16")``)."""
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A storage named by a persistent id: ``data/<key>`` in the archive."""
+
+    key: str
+    dtype: str  # torch dtype name, or "untyped" (then numel counts bytes)
+    numel: int
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor rebuilt lazily: where its elements live, never the elements themselves."""
+
+    storage: StorageRef
+    dtype: str
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# stand-ins for DCP metadata classes
+
+
+class _Record:
+    """Base of the stand-ins: accepts ``BUILD`` state as a dict or a ``(dict, slots)`` pair."""
+
+    _defaults: ClassVar[dict[str, Any]] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict | None):
+            merged = dict(state[0] or {})
+            merged.update(state[1] or {})
+            state = merged
+        if not isinstance(state, dict):
+            raise FormatError(f"unexpected pickled state for {type(self).__name__}")
+        self.__dict__.update(state)
+
+    def __getattr__(self, name: str) -> Any:
+        defaults = type(self)._defaults
+        if name in defaults:
+            return defaults[name]
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Metadata(_Record):
+    _defaults: ClassVar[dict[str, Any]] = {
+        "planner_data": None,
+        "storage_meta": None,
+        "version": None,
+        "storage_data": None,
+    }
+
+
+class TensorStorageMetadata(_Record):
+    pass
+
+
+class BytesStorageMetadata(_Record):
+    pass
+
+
+class ChunkStorageMetadata(_Record):
+    pass
+
+
+class StorageMeta(_Record):
+    _defaults: ClassVar[dict[str, Any]] = {
+        "checkpoint_id": None,
+        "save_id": None,
+        "load_id": None,
+        "modules": [],
+    }
+
+
+class StorageInfo(_Record):
+    """``_StorageInfo``: where one item lives (file name, offset, length)."""
+
+    _defaults: ClassVar[dict[str, Any]] = {"transform_descriptors": None}
+
+
+class TensorProperties(_Record):
+    """Pickled as a 5-tuple (torch <= 2.14) or a 6-tuple with local strides (2.15)."""
+
+    _defaults: ClassVar[dict[str, Any]] = {"strides": None}
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) in (5, 6) and not isinstance(state[1], dict):
+            self.dtype = state[0]
+            self.layout = state[1]
+            self.requires_grad = state[2]
+            self.memory_format = state[3]
+            self.pin_memory = state[4]
+            self.strides = state[5] if len(state) == 6 else None
+            return
+        super().__setstate__(state)
+
+
+class MetadataIndex(_Record):
+    """Key of ``storage_data``; hashed on ``(fqn, offset)`` as torch does (``index`` is a hint)."""
+
+    _defaults: ClassVar[dict[str, Any]] = {"offset": None, "index": None}
+
+    def __init__(self, fqn: str = "", offset: Any = None, index: Any = None) -> None:
+        self.fqn = fqn
+        self.offset = offset
+        self.index = index
+
+    def _key(self) -> tuple[str, tuple[int, ...] | None]:
+        offset = self.offset
+        return (self.fqn, None if offset is None else tuple(offset))
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MetadataIndex) and self._key() == other._key()
+
+
+class _Inert(_Record):
+    """Stand-in for classes that may appear but are never needed (Megatron save plans)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+
+_MEM_FORMATS = {0: "contiguous", 1: "channels_last", 2: "preserve"}
+
+
+def _mem_format(value: int) -> str:
+    return _MEM_FORMATS.get(value, str(value))
+
+
+def _path(*parts: Any) -> str:
+    return "/".join(str(p) for p in parts)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _size(value: Any = ()) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+_DCP_CLASSES: dict[str, type] = {
+    "Metadata": Metadata,
+    "TensorStorageMetadata": TensorStorageMetadata,
+    "BytesStorageMetadata": BytesStorageMetadata,
+    "ChunkStorageMetadata": ChunkStorageMetadata,
+    "MetadataIndex": MetadataIndex,
+    "TensorProperties": TensorProperties,
+    "StorageMeta": StorageMeta,
+}
+
+_PATH_NAMES = ("PosixPath", "Path", "PurePath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
+
+
+def _metadata_globals() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {}
+    for module in (
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed._shard.checkpoint.metadata",
+        "torch.distributed._shard.sharded_tensor.metadata",
+    ):
+        for name, cls in _DCP_CLASSES.items():
+            table[(module, name)] = cls
+        table[(module, "_MEM_FORMAT_ENCODING")] = _mem_format
+        table[(module, "MEM_FORMAT_ENCODING")] = _mem_format
+    for module in (
+        "torch.distributed.checkpoint.filesystem",
+        "torch.distributed._shard.checkpoint.filesystem",
+    ):
+        table[(module, "_StorageInfo")] = StorageInfo
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"):
+        table[("torch.distributed.checkpoint.planner", name)] = _Inert
+    for module in ("pathlib", "pathlib._local"):
+        for name in _PATH_NAMES:
+            table[(module, name)] = _path
+    table[("torch.serialization", "_get_layout")] = _identity
+    table[("collections", "OrderedDict")] = dict
+    return table
+
+
+def _rebuild_tensor_v2(
+    storage: StorageRef,
+    storage_offset: int,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> TensorRef:
+    if not isinstance(storage, StorageRef) or storage.dtype == "untyped":
+        raise FormatError("tensor rebuilt from an untyped or unknown storage")
+    return TensorRef(storage, storage.dtype, int(storage_offset), _size(size), _size(stride))
+
+
+def _rebuild_tensor_v3(
+    storage: StorageRef,
+    storage_offset: int,
+    size: Any,
+    stride: Any,
+    requires_grad: Any,
+    backward_hooks: Any,
+    dtype: Any,
+    metadata: Any = None,
+) -> TensorRef:
+    if not isinstance(storage, StorageRef) or not isinstance(dtype, DType):
+        raise FormatError("malformed _rebuild_tensor_v3 call")
+    return TensorRef(storage, str(dtype), int(storage_offset), _size(size), _size(stride))
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
+    return data
+
+
+def _rebuild_parameter_with_state(
+    data: Any, requires_grad: Any, backward_hooks: Any, state: Any
+) -> Any:
+    return data
+
+
+class _StorageType:
+    """A storage class named in a persistent id (``torch.FloatStorage``, ``UntypedStorage``)."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+
+def _tensor_globals() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+        ("torch", "UntypedStorage"): _StorageType("untyped"),
+        ("torch.storage", "UntypedStorage"): _StorageType("untyped"),
+        ("collections", "OrderedDict"): dict,
+    }
+    for name, dtype in STORAGE_DTYPES.items():
+        table[("torch", name)] = _StorageType(dtype)
+    return table
+
+
+def _common_globals() -> dict[tuple[str, str], Any]:
+    table: dict[tuple[str, str], Any] = {("torch", "Size"): _size}
+    for name in _ITEM_SIZES:
+        table[("torch", name)] = DType(name)
+    return table
+
+
+METADATA_GLOBALS = {**_common_globals(), **_metadata_globals()}
+TENSOR_GLOBALS = {**_common_globals(), **_tensor_globals()}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves globals only through an allow-list of local stand-ins.
+
+    Args:
+        file: the pickle stream.
+        allowed: ``(module, name)`` -> stand-in object.
+        source: the file name used in error messages.
+        storages: when given, persistent ids ``('storage', type, key, location, numel)`` become
+            :class:`StorageRef` objects; otherwise any persistent id is refused.
+    """
+
+    def __init__(
+        self,
+        file: io.BufferedIOBase | io.BytesIO,
+        *,
+        allowed: dict[tuple[str, str], Any],
+        source: str,
+        storages: bool = False,
+    ) -> None:
+        super().__init__(file)
+        self._allowed = allowed
+        self._source = source
+        self._storages = storages
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise FormatError(
+                f"{self._source}: refusing to load pickled global {module}.{name} "
+                "(not on fastckpt's allow-list; nothing was executed)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not self._storages:
+            raise FormatError(f"{self._source}: unexpected persistent id in pickle")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise FormatError(f"{self._source}: unsupported persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType):
+            raise FormatError(f"{self._source}: unsupported storage type {storage_type!r}")
+        return StorageRef(str(key), storage_type.dtype, int(numel))
+
+
+def restricted_loads(
+    data: bytes, *, allowed: dict[tuple[str, str], Any], source: str, storages: bool = False
+) -> Any:
+    """Unpickle ``data`` with :class:`RestrictedUnpickler`; any failure becomes a FormatError."""
+    try:
+        return RestrictedUnpickler(
+            io.BytesIO(data), allowed=allowed, source=source, storages=storages
+        ).load()
+    except FormatError:
+        raise
+    except Exception as exc:  # corrupt or truncated pickle: name the file
+        raise FormatError(f"{source}: cannot read pickle ({type(exc).__name__}: {exc})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# torch.save zip archives
+
+
+class FileWindow(io.RawIOBase):
+    """A read-only, seekable view of ``[offset, offset+length)`` of an open file descriptor."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._base = offset
+        self._len = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == io.SEEK_SET:
+            self._pos = pos
+        elif whence == io.SEEK_CUR:
+            self._pos += pos
+        elif whence == io.SEEK_END:
+            self._pos = self._len + pos
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if self._pos < 0:
+            raise OSError("negative seek position")
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._len - self._pos))
+        if n == 0:
+            return 0
+        data = os.pread(self._fd, n, self._base + self._pos)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+@dataclass(frozen=True)
+class ZipEntry:
+    """One STORED entry of a zip archive: absolute byte range of its data."""
+
+    name: str
+    data_offset: int
+    size: int
+
+
+class TorchZip:
+    """A ``torch.save`` archive located at ``[offset, offset+length)`` of ``path``.
+
+    Only the central directory, the local headers and ``data.pkl`` are read; storages are
+    located (file offsets), never read.
+    """
+
+    def __init__(self, path: str, fd: int, offset: int, length: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._offset = offset
+        window = FileWindow(fd, offset, length)
+        head = os.pread(fd, 4, offset)
+        if head != b"PK\x03\x04":
+            raise FormatError(
+                f"{path}: no zip archive at byte {offset} (expected a torch.save item; "
+                "corrupt file, or a variant such as SerializationFormat.SAFETENSORS)"
+            )
+        try:
+            with zipfile.ZipFile(io.BufferedReader(window)) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+            raise FormatError(f"{path}: corrupt zip item at byte {offset}: {exc}") from None
+        self.entries: dict[str, ZipEntry] = {}
+        self.prefix = ""
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise FormatError(f"{path}: zip entry {info.filename} is compressed")
+            start = self._data_start(info)
+            if start + info.file_size > length:
+                raise FormatError(
+                    f"{path}: zip entry {info.filename} at byte {offset} runs past the item "
+                    "(truncated file?)"
+                )
+            self.entries[info.filename] = ZipEntry(
+                info.filename, offset + start, int(info.file_size)
+            )
+            if info.filename.endswith("data.pkl"):
+                self.prefix = info.filename[: -len("data.pkl")]
+        if self.prefix + "data.pkl" not in self.entries:
+            raise FormatError(f"{path}: zip item at byte {offset} has no data.pkl")
+        order = self.entries.get(self.prefix + "byteorder")
+        if order is not None and self.read(order).strip() not in (b"little", b""):
+            raise FormatError(f"{path}: big-endian torch archives are not supported")
+
+    def _data_start(self, info: zipfile.ZipInfo) -> int:
+        header = os.pread(self._fd, 30, self._offset + info.header_offset)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise FormatError(f"{self.path}: bad local zip header for {info.filename}")
+        name_len, extra_len = struct.unpack_from("<HH", header, 26)
+        return int(info.header_offset) + 30 + name_len + extra_len
+
+    def read(self, entry: ZipEntry) -> bytes:
+        """Read a (small) entry completely."""
+        data = os.pread(self._fd, entry.size, entry.data_offset)
+        if len(data) != entry.size:
+            raise FormatError(f"{self.path}: entry {entry.name} is truncated")
+        return data
+
+    def load_pickle(self, allowed: dict[tuple[str, str], Any] | None = None) -> Any:
+        """Restricted-unpickle ``data.pkl`` (default allow-list: tensors only)."""
+        entry = self.entries[self.prefix + "data.pkl"]
+        return restricted_loads(
+            self.read(entry),
+            allowed=TENSOR_GLOBALS if allowed is None else allowed,
+            source=f"{self.path} (data.pkl at byte {entry.data_offset})",
+            storages=True,
+        )
+
+    def storage(self, ref: StorageRef) -> ZipEntry:
+        """The entry holding storage ``ref``."""
+        try:
+            return self.entries[f"{self.prefix}data/{ref.key}"]
+        except KeyError:
+            raise FormatError(f"{self.path}: storage data/{ref.key} is missing") from None
+
+
+def open_fd(path: str) -> int:
+    """Open ``path`` read-only (a small helper so callers close it with ``os.close``)."""
+    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
