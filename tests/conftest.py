@@ -1,0 +1,244 @@
+"""Shared fixtures: real torch checkpoints, written once per test session.
+
+``tests/data/make_fixtures.py`` runs in a subprocess (one gloo process group per world size) and
+writes every DCP checkpoint plus its references into a session temporary folder. Set
+``FASTCKPT_FIXTURES=/some/dir`` to keep and reuse them across sessions while developing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).parent
+GENERATOR = HERE / "data" / "make_fixtures.py"
+
+# (case, variant) pairs: every DCP folder the generator writes
+MODEL_CASES = [
+    "llama_tied_fp32_ws1",
+    "nemo_llama_untied_fp32_ws2",
+    "llama_tied_bf16_ws2",
+    "rlinf_llama_untied_bf16_ws2",
+    "llama_odd_fp32_ws3",
+    "prime_qwen2_tied_fp32_ws3",
+    "qwen2_untied_bf16_ws3",
+]
+DTENSOR_CASES = ["dtensor_ws3", "dtensor_ws4"]
+ALL_DCP = [
+    *[(c, "dcp") for c in MODEL_CASES],
+    ("llama_tied_bf16_ws2", "dcp_threads2"),
+    ("llama_tied_bf16_ws2", "dcp_per_item"),
+    ("llama_tied_bf16_ws2", "dcp_nocoll"),
+    ("dtensor_ws3", "dcp"),
+    ("dtensor_ws4", "dcp"),
+    ("dtensor_ws4", "dcp_nocoll"),
+]
+WITH_GLOBAL_METADATA = [cv for cv in ALL_DCP if cv[1] != "dcp_nocoll"]
+
+
+def _generate(out: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(
+        [sys.executable, str(GENERATOR), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if proc.returncode != 0 or not (out / "done.json").exists():
+        raise RuntimeError(
+            f"fixture generator failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}"
+        )
+
+
+@pytest.fixture(scope="session")
+def fixtures_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding every generated case (``<root>/<case>/...``)."""
+    keep = os.environ.get("FASTCKPT_FIXTURES")
+    if keep:
+        root = Path(keep)
+        if not (root / "done.json").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            _generate(root)
+        return root
+    root = tmp_path_factory.mktemp("fixtures")
+    _generate(root)
+    return root
+
+
+@dataclass
+class Case:
+    """One generated checkpoint family: several DCP variants sharing one reference."""
+
+    root: Path
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.root / "meta.json").read_text())
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["name"])
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.meta.get("tied", False))
+
+    @property
+    def is_model(self) -> bool:
+        return self.meta["kind"] == "model"
+
+    def dcp(self, variant: str = "dcp") -> Path:
+        return self.root / self.meta["dcp"][variant]
+
+    @property
+    def hf(self) -> Path | None:
+        return self.root / self.meta["hf"] if self.meta["hf"] else None
+
+    @property
+    def model_keys(self) -> list[str]:
+        """Full state-dict names in the model's ``state_dict()`` order (tied lm_head included)."""
+        return list(self.meta["model_keys"])
+
+    @property
+    def out_keys(self) -> list[str]:
+        """Names fastckpt must write, in state-dict order (tied ``lm_head.weight`` left out)."""
+        return [k for k in self.model_keys if not (self.tied and k == "lm_head.weight")]
+
+    def reference(self) -> dict[str, Any]:
+        """The unsharded state dict as torch tensors (fresh copy each call)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.root / "reference.safetensors"))
+
+    def expected(self) -> dict[str, Any]:
+        ref = self.reference()
+        return {k: ref[k] for k in self.out_keys}
+
+    def logits(self) -> Any:
+        import torch
+
+        return torch.load(self.root / "logits.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def cases(fixtures_root: Path) -> dict[str, Case]:
+    return {name: Case(fixtures_root / name) for name in MODEL_CASES + DTENSOR_CASES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers (plain functions, imported by the test modules)
+# ---------------------------------------------------------------------------------------------
+
+
+def raw_bytes(t: Any) -> bytes:
+    """The C-order bytes of a torch tensor, whatever its dtype (bf16 and bool included)."""
+    import torch
+
+    t = t.detach().contiguous().reshape(-1)
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return bytes(t.view(torch.uint8).numpy().tobytes())
+
+
+def assert_bit_equal(got: Any, want: Any, name: str = "") -> None:
+    """Same dtype, same shape, same bytes."""
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    assert tuple(got.shape) == tuple(want.shape), f"{name}: shape {got.shape} != {want.shape}"
+    assert raw_bytes(got) == raw_bytes(want), f"{name}: bytes differ"
+
+
+def load_output(folder: Path) -> dict[str, Any]:
+    """Every tensor of every ``*.safetensors`` file in ``folder`` (duplicates are an error)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        part = load_file(str(f))
+        dup = set(part) & set(out)
+        assert not dup, f"{sorted(dup)} written twice"
+        out.update(part)
+    return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_digest(root: Path) -> dict[str, tuple[int, str]]:
+    """Name -> (mode, sha256) for every entry under ``root`` (directories included)."""
+    out: dict[str, tuple[int, str]] = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        st = p.lstat()
+        out[rel] = (st.st_mode, sha256(p) if p.is_file() else "")
+    return out
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(header length N, parsed header) of a safetensors file."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return n, json.loads(data[8 : 8 + n])
+
+
+@pytest.fixture
+def convert_to(tmp_path: Path) -> Callable[..., Path]:
+    """``convert_to(src, **kwargs)`` converts into a fresh folder under ``tmp_path``."""
+    import fastckpt
+
+    counter = iter(range(10_000))
+
+    def run(src: Path, **kwargs: Any) -> Path:
+        dst = tmp_path / f"out{next(counter)}"
+        report = fastckpt.convert(src, dst, **kwargs)
+        assert Path(report.dst) == dst
+        return dst
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def converted(
+    cases: dict[str, Case], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, str], Path]:
+    """Default conversion of ``(case, variant)``, done once per session and shared read-only."""
+    import fastckpt
+
+    base = tmp_path_factory.mktemp("converted")
+    done: dict[tuple[str, str], Path] = {}
+
+    def get(case: str, variant: str = "dcp") -> Path:
+        key = (case, variant)
+        if key not in done:
+            dst = base / f"{case}-{variant}"
+            fastckpt.convert(cases[case].dcp(variant), dst)
+            done[key] = dst
+        return done[key]
+
+    return get
+
+
+@pytest.fixture
+def torch_single_thread() -> Iterator[None]:
+    """Run torch math on one thread, as the generator did, so results are reproducible."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
