@@ -181,7 +181,8 @@ def build_commands(
 
     out = lambda name: str(runs / name)  # noqa: E731
     if durable:
-        add("cp", ["sh", "-c", 'cp -r "$1" "$2" && find "$2" -exec sync {} +', "sh", dcp, out("cp")])
+        script = 'cp -r "$1" "$2" && find "$2" -exec sync {} +'
+        add("cp", ["sh", "-c", script, "sh", dcp, out("cp")])
     else:
         add("cp", ["cp", "-r", dcp, out("cp")])
         add("cat", ["sh", "-c", 'cat "$1"/.metadata "$1"/*.distcp > /dev/null', "sh", dcp])

@@ -10,7 +10,7 @@ Results are cached by parameters under ``--out`` (default ``bench-data/``)::
 
     <out>/llama-h2048-l18-v32000-f5504-w2-seed0/
         dcp/        .metadata + __R_0.distcp
-        hf/         shard-0000R-model-0000I-of-0000N.safetensors (with --hf-twin)
+        hf-twin/    shard-0000R-model-0000I-of-0000N.safetensors (with --hf-twin)
         hf_mapping.json   HF name -> output file index (1-based), 500 MB split
         DONE.json   parameters, tensor bytes, tensor count
 
@@ -103,7 +103,7 @@ def _worker(
             with open(os.path.join(tmp, "hf_mapping.json")) as f:
                 mapping = json.load(f)
             writer = HuggingFaceStorageWriter(
-                os.path.join(tmp, "hf"), fqn_to_index_mapping=mapping, save_distributed=True
+                os.path.join(tmp, "hf-twin"), fqn_to_index_mapping=mapping, save_distributed=True
             )
             dcp.save(sd, storage_writer=writer)
         dist.barrier()
@@ -199,7 +199,7 @@ def _dataset(root: Path, manifest: dict[str, object]) -> DataSet:
     return DataSet(
         root=root,
         dcp=root / "dcp",
-        hf_twin=(root / "hf") if manifest.get("hf_twin") else None,
+        hf_twin=(root / "hf-twin") if manifest.get("hf_twin") else None,
         shape=shape,
         world=int(manifest["world"]),  # type: ignore[call-overload]
         shard1=bool(manifest["shard1"]),
