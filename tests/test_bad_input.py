@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import stat
 import subprocess
@@ -202,7 +203,7 @@ def test_bad_arguments(cases: dict[str, Case], tmp_path: Path, kwargs: dict[str,
 
 
 def test_bad_regex(cases: dict[str, Case], tmp_path: Path) -> None:
-    with pytest.raises((ValueError, fastckpt.FastckptError)):
+    with pytest.raises((ValueError, re.error, fastckpt.FastckptError)):
         fastckpt.convert(cases["dtensor_ws3"].dcp(), tmp_path / "out", include=["(unclosed"])
     assert not (tmp_path / "out").exists()
 

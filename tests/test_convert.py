@@ -450,18 +450,45 @@ def test_training_state_left_out(cases: dict[str, Case], converted: Any, case: s
     assert not [k for k in got if "exp_avg" in k or "step" in k or "rng" in k]
 
 
-def test_include_exclude(cases: dict[str, Case], convert_to: Any) -> None:
+def test_exclude_removes_by_output_name(cases: dict[str, Case], convert_to: Any) -> None:
     c = cases["llama_odd_fp32_ws3"]
     keys = c.out_keys
-    inc = sorted(load_output(convert_to(c.dcp(), include=[r"^model\.layers\.0\..*"])))
-    assert inc == sorted(k for k in keys if k.startswith("model.layers.0."))
-    exc = sorted(load_output(convert_to(c.dcp(), exclude=[r".*mlp.*", r"^lm_head\..*"])))
-    assert exc == sorted(k for k in keys if "mlp" not in k and not k.startswith("lm_head."))
-    both = sorted(
-        load_output(convert_to(c.dcp(), include=[r".*layers\.1\..*"], exclude=[r".*_proj.*"]))
+    got = load_output(convert_to(c.dcp(), exclude=[r".*mlp.*", r"^lm_head\..*"]))
+    assert sorted(got) == sorted(k for k in keys if "mlp" not in k and not k.startswith("lm_head."))
+    for k, t in c.expected().items():
+        if k in got:
+            assert_bit_equal(got[k], t, k)
+
+
+def test_include_model_names_changes_nothing(cases: dict[str, Case], convert_to: Any) -> None:
+    """``include`` adds entries (README); model tensors are in already."""
+    c = cases["llama_odd_fp32_ws3"]
+    got = load_output(convert_to(c.dcp(), include=[r"^model\.layers\.0\..*"]))
+    assert sorted(got) == sorted(c.out_keys)
+
+
+def test_include_adds_training_state(
+    cases: dict[str, Case], convert_to: Any, tmp_path: Path
+) -> None:
+    """``include`` adds optimizer entries, bit-equal to torch's own full load."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    c = cases["nemo_llama_untied_fp32_ws2"]
+    dst = convert_to(c.dcp(), include=[r"exp_avg_sq$"], exclude=[r".*layers\.1\..*"])
+    got = load_output(dst)
+    added = sorted(set(got) - set(c.out_keys))
+    want_added = sorted(
+        k for k in c.meta["checkpoint_keys"] if k.endswith("exp_avg_sq") and "layers.1." not in k
     )
-    assert both == sorted(k for k in keys if "layers.1." in k and "_proj" not in k)
-    assert both  # norms are left
+    assert want_added and added == want_added
+    assert sorted(set(got) & set(c.out_keys)) == sorted(
+        k for k in c.out_keys if "layers.1." not in k
+    )
+    dcp_to_torch_save(c.dcp(), tmp_path / "full.pt")
+    full = _flatten(torch.load(tmp_path / "full.pt", weights_only=False))
+    for k in added:
+        assert_bit_equal(got[k], full[k], k)
 
 
 # ---------------------------------------------------------------------------------------------
