@@ -22,15 +22,21 @@ from fastckpt.api import (
 )
 from fastckpt.catalog import TensorInfo
 from fastckpt.checkpoint import Checkpoint, open
+from fastckpt.hub import push_to_hub
+from fastckpt.manager import CheckpointManager
+from fastckpt.runs import Run, Step, scan_run
 
 __all__ = [
     "Checkpoint",
     "CheckpointInfo",
+    "CheckpointManager",
     "ConvertReport",
     "FastckptError",
     "FormatError",
     "MappingError",
+    "Run",
     "ShapeError",
+    "Step",
     "TensorInfo",
     "VerifyReport",
     "__version__",
@@ -38,5 +44,7 @@ __all__ = [
     "inspect",
     "open",
     "parse_size",
+    "push_to_hub",
+    "scan_run",
     "verify",
 ]

@@ -31,6 +31,7 @@ from fastckpt.hf_files import (
     tie_word_embeddings,
     write_file,
 )
+from fastckpt.runs import resolve_source
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], object]
@@ -88,6 +89,7 @@ class ConvertReport:
     nbytes: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. which step of a run was converted
 
     @property
     def gb_per_s(self) -> float:
@@ -164,6 +166,10 @@ def convert(
     overwrite: bool = False,
     fsync: bool = True,
     progress: Progress | None = None,
+    step: str | int | None = None,
+    role: str | None = None,
+    metric: str | None = None,
+    higher_is_better: bool = True,
 ) -> ConvertReport:
     """Convert a checkpoint into a Hugging Face folder (safetensors shards + index + side files).
 
@@ -181,12 +187,19 @@ def convert(
         overwrite: replace an existing ``dst``.
         fsync: make the output durable before it is renamed into place.
         progress: ``progress(done_bytes, total_bytes)``, called about every 100 ms.
+        step: when ``src`` is a training run: ``"latest"`` (default), ``"best"`` or a number.
+        role: when ``src`` is a training run: ``"actor"``/``"policy"`` (default) or ``"critic"``.
+        metric: the ``training_info.json`` metric ranking ``step="best"``.
+        higher_is_better: ``False`` when a lower ``metric`` is better (a loss).
 
     Returns:
         A :class:`ConvertReport`.
     """
     start = time.perf_counter()
-    src_p, dst_p = Path(src), Path(dst)
+    resolved = resolve_source(
+        src, step=step, role=role, metric=metric, higher_is_better=higher_is_better
+    )
+    src_p, dst_p = resolved.weights, Path(dst)
     target = _target_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
     cat = open_catalogue(src_p)
@@ -194,7 +207,7 @@ def convert(
     names = _select(cat, include, exclude)
     if not names:
         raise MappingError(f"{src_p}: no model tensors selected (see `fastckpt inspect`)")
-    warnings: list[str] = []
+    warnings: list[str] = list(resolved.warnings)
 
     if config_from is not None:
         cfg_dir = Path(config_from)
@@ -270,6 +283,7 @@ def convert(
         nbytes=nbytes,
         seconds=time.perf_counter() - start,
         warnings=warnings,
+        notes=resolved.notes,
     )
 
 

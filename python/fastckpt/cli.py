@@ -37,6 +37,23 @@ ThreadsOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")]
+StepOpt = Annotated[
+    str | None,
+    typer.Option(help="For a run directory: latest (default), best, or a step number."),
+]
+RoleOpt = Annotated[
+    str | None, typer.Option(help="For a run directory: actor|policy (default) or critic.")
+]
+MetricOpt = Annotated[
+    str | None, typer.Option(help="training_info.json metric ranking --step best.")
+]
+LowerOpt = Annotated[
+    bool, typer.Option("--lower-is-better", help="A lower metric is better (e.g. a loss).")
+]
+PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch to commit to.")]
+CommitMsgOpt = Annotated[str | None, typer.Option(help="Hub commit message.")]
+RunArg = Annotated[Path, typer.Argument(help="Training run directory.")]
 
 
 def _err(message: str) -> None:
@@ -140,8 +157,18 @@ def convert(
         bool, typer.Option("--fsync/--no-fsync", help="Make the output durable (default on).")
     ] = True,
     quiet: QuietOpt = False,
+    step: StepOpt = None,
+    role: RoleOpt = None,
+    metric: MetricOpt = None,
+    lower_is_better: LowerOpt = False,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Upload DST to this Hub repo (needs fastckpt[hub]).")
+    ] = None,
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    commit_message: CommitMsgOpt = None,
 ) -> None:
-    """Convert a checkpoint into a Hugging Face folder (safetensors + index + config)."""
+    """Convert a checkpoint, or a step of a training run, into a Hugging Face folder."""
     from fastckpt.api import convert as do_convert
 
     with _errors(), _progress_bar(_show_progress(quiet)) as progress:
@@ -157,11 +184,19 @@ def convert(
             overwrite=overwrite,
             fsync=fsync,
             progress=progress,
+            step=step,
+            role=role,
+            metric=metric,
+            higher_is_better=not lower_is_better,
         )
     for w in report.warnings:
         _warn(w)
     if not quiet:
+        for note in report.notes:
+            typer.echo(note, err=True)
         typer.echo(_summary(report), err=True)
+    if push_to_hub is not None:
+        _push(dst, push_to_hub, private, revision, commit_message, quiet)
 
 
 @app.command()
@@ -246,6 +281,113 @@ def verify(
         if report.only_in_b:
             _err(f"{len(report.only_in_b)} tensors only in {b}: {report.only_in_b[:5]}")
         raise typer.Exit(1)
+
+
+def _push(
+    folder: Path,
+    repo: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    quiet: bool,
+) -> None:
+    from fastckpt.hub import push_to_hub
+
+    with _errors():
+        report = push_to_hub(
+            folder, repo, private=private, revision=revision, commit_message=commit_message
+        )
+    if not quiet:
+        where = report.commit_url or report.repo_url
+        typer.echo(f"uploaded {len(report.files)} files from {folder} to {where}", err=True)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A converted Hugging Face folder.")],
+    repo: Annotated[str, typer.Argument(help="Hub repository, user/name or org/name.")],
+    private: PrivateOpt = False,
+    revision: RevisionOpt = None,
+    commit_message: CommitMsgOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Upload a converted folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    _push(folder, repo, private, revision, commit_message, quiet)
+
+
+@app.command("ls")
+def ls_run(
+    run: RunArg,
+    role: RoleOpt = None,
+    metric: MetricOpt = None,
+    lower_is_better: LowerOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the steps of a training run: format, size, completeness, metrics; best marked."""
+    from fastckpt.runs import listing
+
+    with _errors():
+        doc = listing(run, role=role, metric=metric, higher_is_better=not lower_is_better)
+    if json_out:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    names: list[str] = []
+    for s in doc["steps"]:
+        names += [k for k in s["metrics"] if k not in names]
+    table = Table(
+        title=f"{doc['root']} ({doc['layout']}, role {doc['role']})", title_justify="left"
+    )
+    for col in ("step", "format", "size", "complete", *names, ""):
+        table.add_column(col, justify="right" if col not in ("format", "complete", "") else "left")
+    for s in doc["steps"]:
+        marks = " ".join(m for m, on in (("best", s["best"]), ("latest", s["latest"])) if on)
+        table.add_row(
+            str(s["step"]),
+            s["format"],
+            f"{s['size'] / 1e6:,.1f} MB",
+            "yes" if s["complete"] else f"no: {s['reason']}",
+            *[f"{s['metrics'][k]:g}" if k in s["metrics"] else "-" for k in names],
+            marks,
+        )
+    Console(highlight=False, soft_wrap=True).print(table)
+    if doc["metric"]:
+        order = "higher" if doc["higher_is_better"] else "lower"
+        typer.echo(f"best by {doc['metric']} ({order} is better): {doc['best']}")
+    for w in doc["warnings"]:
+        _warn(w)
+
+
+@app.command()
+def prune(
+    run: RunArg,
+    keep_top_k: Annotated[int, typer.Option(help="Complete steps to keep (plus the latest).")],
+    metric: MetricOpt = None,
+    lower_is_better: LowerOpt = False,
+    dry_run: Annotated[bool, typer.Option(help="Print what would be removed; remove nothing.")] = (
+        False
+    ),
+) -> None:
+    """Remove steps outside the top K by a metric; never the latest or a save in progress."""
+    import shutil
+
+    from fastckpt.runs import plan_prune
+
+    with _errors():
+        remove, warns = plan_prune(
+            run, keep_top_k=keep_top_k, metric=metric, higher_is_better=not lower_is_better
+        )
+        for w in warns:
+            _warn(w)
+        for s in remove:
+            for p in s.paths:
+                typer.echo(f"{'would remove' if dry_run else 'removing'} {p}")
+                if not dry_run:
+                    shutil.rmtree(p)
+    if not remove:
+        typer.echo("nothing to remove")
 
 
 def main() -> None:
