@@ -9,10 +9,18 @@ from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue
 from fastckpt.distcp import is_dcp_dir, read_dcp
 from fastckpt.hf_folder import is_hf_dir, read_hf
+from fastckpt.torch_save import (
+    is_rank_dir,
+    is_torch_save_file,
+    read_rank_dir,
+    read_torch_save,
+    single_torch_save_file,
+)
 
 
 def detect(path: Path) -> str:
-    """Name the format of ``path``: ``"dcp"`` or ``"safetensors"``; FormatError otherwise."""
+    """Name the format of ``path``: ``"dcp"``, ``"safetensors"``, ``"torch_ranks"`` (per-rank
+    ``torch.save`` files) or ``"torch_save"`` (one whole-file state dict); FormatError otherwise."""
     if not path.exists():
         raise FileNotFoundError(2, "no such file or directory", str(path))
     if path.is_file():
@@ -20,14 +28,20 @@ def detect(path: Path) -> str:
             return "safetensors"
         if path.name == ".metadata":
             return "dcp"
+        if is_torch_save_file(path):
+            return "torch_save"
         raise FormatError(f"{path}: not a checkpoint fastckpt can read (unknown file type)")
     if is_dcp_dir(path):
         return "dcp"
     if is_hf_dir(path):
         return "safetensors"
+    if is_rank_dir(path):
+        return "torch_ranks"
+    if single_torch_save_file(path) is not None:
+        return "torch_save"
     raise FormatError(
-        f"{path}: not a checkpoint fastckpt can read (no .metadata, .distcp or .safetensors "
-        "files in it)"
+        f"{path}: not a checkpoint fastckpt can read (no .metadata, .distcp, .safetensors, "
+        "model_world_size_W_rank_R.pt files or single .pt/.bin file in it)"
     )
 
 
@@ -37,4 +51,8 @@ def open_catalogue(path: str | os.PathLike[str]) -> Catalogue:
     fmt = detect(p)
     if fmt == "dcp":
         return read_dcp(p.parent if p.is_file() else p)
+    if fmt == "torch_ranks":
+        return read_rank_dir(p)
+    if fmt == "torch_save":
+        return read_torch_save(p)
     return read_hf(p)
