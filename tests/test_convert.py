@@ -539,3 +539,31 @@ def test_gil_released_during_convert(big_dcp: Path, tmp_path: Path) -> None:
     assert ticks > 1000
     # with the GIL held for the copy, the main thread would stall for the whole copy
     assert longest < 0.5 * elapsed, (longest, elapsed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample shipped in examples/ (README quick start)
+# ---------------------------------------------------------------------------------------------
+
+SAMPLE = Path(__file__).parent.parent / "examples" / "tiny-llama-run" / "step_3" / "policy"
+
+
+def test_shipped_sample_converts(tmp_path: Path, torch_single_thread: None) -> None:
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    dst = tmp_path / "hf"
+    report = fastckpt.convert(SAMPLE / "weights", dst)
+    dcp_to_torch_save(SAMPLE / "weights", tmp_path / "full.pt")
+    theirs = _flatten(torch.load(tmp_path / "full.pt", weights_only=False)["model"])
+    ours = load_output(dst)
+    assert sorted(ours) == sorted(theirs)
+    assert report.n_tensors == len(theirs)
+    for k, t in theirs.items():
+        assert_bit_equal(ours[k], t, k)
+    for f in (SAMPLE / "tokenizer").iterdir():
+        assert (dst / f.name).read_bytes() == f.read_bytes(), f.name
+    model, info = AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert fastckpt.verify(SAMPLE / "weights", dst).ok
