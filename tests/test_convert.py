@@ -564,6 +564,6 @@ def test_shipped_sample_converts(tmp_path: Path, torch_single_thread: None) -> N
         assert_bit_equal(ours[k], t, k)
     for f in (SAMPLE / "tokenizer").iterdir():
         assert (dst / f.name).read_bytes() == f.read_bytes(), f.name
-    model, info = AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True)
+    _, info = AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert fastckpt.verify(SAMPLE / "weights", dst).ok
