@@ -22,6 +22,7 @@ from fastckpt._core import FastckptError, MappingError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
+from fastckpt.heads import split_value_head
 from fastckpt.hf_files import (
     copy_side_files,
     find_side_files,
@@ -170,6 +171,7 @@ def convert(
     role: str | None = None,
     metric: str | None = None,
     higher_is_better: bool = True,
+    drop_value_head: bool = False,
 ) -> ConvertReport:
     """Convert a checkpoint into a Hugging Face folder (safetensors shards + index + side files).
 
@@ -191,6 +193,9 @@ def convert(
         role: when ``src`` is a training run: ``"actor"``/``"policy"`` (default) or ``"critic"``.
         metric: the ``training_info.json`` metric ranking ``step="best"``.
         higher_is_better: ``False`` when a lower ``metric`` is better (a loss).
+        drop_value_head: leave out a critic's or reward model's value head (``score.*``,
+            ``v_head.*``) to export the policy; kept by default, with a warning naming the
+            config the output needs.
 
     Returns:
         A :class:`ConvertReport`.
@@ -225,6 +230,10 @@ def convert(
             "files (pass --config-from DIR, e.g. the base model's folder)"
         )
 
+    names, head_warnings = split_value_head(names, drop=drop_value_head, config=config)
+    warnings += head_warnings
+    if not names:
+        raise MappingError(f"{src_p}: no model tensors left after dropping the value head")
     entries = cat.locate(names)
     by_name = {e.name: e for e in entries}
     if LM_HEAD in by_name and EMBED in by_name and tie_word_embeddings(config):
