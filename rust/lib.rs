@@ -1,0 +1,28 @@
+//! fastckpt core: sharded checkpoints → Hugging Face safetensors, at copy speed, bit-exact.
+//!
+//! The core knows byte ranges, dtypes, shapes and safetensors; it never parses pickle. Python
+//! (package `fastckpt`) describes every tensor as boxes stored in files ([`plan::Chunk`]); the
+//! core validates them ([`mmap`]), plans output files and copy operations ([`plan`]), copies with
+//! fused casts ([`reshard`]) and writes the files in parallel ([`writer`], [`pool`]).
+//!
+//! The Python extension module `fastckpt._core` (`py.rs`) is compiled only with the `python`
+//! feature, so `cargo test` and the benches never link Python.
+
+pub mod dtype;
+pub mod error;
+pub mod mmap;
+pub mod plan;
+pub mod pool;
+pub mod reshard;
+pub mod writer;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use plan::{plan_shards, Chunk, Source};
+pub use writer::{digest, gather, write_shards, ShardSpec, WriteOptions};
+
+#[cfg(test)]
+mod tests;

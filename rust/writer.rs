@@ -1,0 +1,496 @@
+//! The safetensors writer, and whole-tensor gather / digest.
+//!
+//! [`write_shards`] plans everything first (validation, headers, offsets), then:
+//! 1. creates each output as a hidden sibling temporary file, `posix_fallocate`s it to its final
+//!    size (a full disk is a clean `ENOSPC` error; nothing is ever written through a writable
+//!    mapping, so no SIGBUS) and `pwrite`s its header at offset 0;
+//! 2. runs work items of all files in parallel on the pool:
+//!    - *range copies*: a tensor with no cast whose chunks are each one contiguous range, split in
+//!      pieces of ≤ 32 MiB, copied with `copy_file_range` (zero user-space copies), falling back
+//!      to `pwrite` from the source mapping when the kernel refuses (`EXDEV`, `EINVAL`, `ENOSYS`,
+//!      `EOPNOTSUPP`, `EBADF`);
+//!    - *windows*: any other tensor, in windows of ≤ 16 MiB of output bytes gathered (and cast)
+//!      into a reused buffer, then written with one `pwrite`;
+//! 3. with `fsync`, starts writeback of each finished range (`sync_file_range(WRITE)`), and
+//!    fsyncs each file once at the end; then renames the temporary files into place (and fsyncs
+//!    the directory).
+//!
+//! Anonymous memory is the window buffers: at most one per thread, 64 MiB in all.
+//! Workers check the cancel flag between items and add finished bytes to the progress counter.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::mmap::{FileCache, SourceFile};
+use crate::plan::{layout_file, prepare_source, Source, TensorMeta, TensorPlan};
+use crate::pool::{pool, Progress};
+use crate::reshard::fill_window;
+use rayon::prelude::*;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Total budget of window buffers, shared by all threads.
+pub const BUFFER_BUDGET: usize = 64 << 20;
+/// Largest window.
+pub const MAX_WINDOW: usize = 16 << 20;
+/// Largest range copied by one work item.
+pub const MAX_RANGE: u64 = 32 << 20;
+
+/// One output file: its name in the directory and its tensors with their output dtypes.
+#[derive(Debug, Clone)]
+pub struct ShardSpec {
+    /// File name (no directory part).
+    pub file_name: String,
+    /// Tensors and output dtypes.
+    pub tensors: Vec<(Source, DType)>,
+}
+
+/// Options of [`write_shards`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteOptions {
+    /// Thread count (`None`: `FASTCKPT_NUM_THREADS` or the CPU count).
+    pub num_threads: Option<usize>,
+    /// Early writeback and one fsync per file, plus the directory.
+    pub fsync: bool,
+}
+
+/// Window size in bytes for `threads` threads: the buffer budget split among them, between
+/// 1 MiB and [`MAX_WINDOW`].
+pub fn window_bytes(threads: usize) -> usize {
+    (BUFFER_BUDGET / threads.max(1)).clamp(1 << 20, MAX_WINDOW)
+}
+
+/// Reusable window buffers of one call.
+struct Buffers {
+    size: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Buffers {
+    fn new(size: usize) -> Self {
+        Buffers {
+            size,
+            free: Mutex::new(Vec::new()),
+        }
+    }
+    fn take(&self) -> Vec<u8> {
+        let b = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        b.unwrap_or_else(|| vec![0u8; self.size])
+    }
+    fn put(&self, b: Vec<u8>) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+    }
+}
+
+struct OutFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    file: File,
+}
+
+enum Work {
+    /// Copy `len` bytes from `src_off` of chunk `copy`'s file to `dst_off` of the output.
+    Range {
+        file: usize,
+        tensor: usize,
+        copy: usize,
+        src_off: u64,
+        dst_off: u64,
+        len: u64,
+    },
+    /// Gather elements `[e0, e1)` of a tensor and write them at `dst_off`.
+    Window {
+        file: usize,
+        tensor: usize,
+        e0: u64,
+        e1: u64,
+        dst_off: u64,
+    },
+}
+
+fn is_fallback_errno(e: i32) -> bool {
+    e == libc::EXDEV
+        || e == libc::EINVAL
+        || e == libc::ENOSYS
+        || e == libc::EOPNOTSUPP
+        || e == libc::EBADF
+        || e == libc::ENOTSUP
+}
+
+/// Copies `len` bytes of `src` at `src_off` to `dst` at `dst_off`, with `copy_file_range` while
+/// `use_cfr` holds, else (or for the rest) `pwrite` from the mapping.
+fn copy_range(
+    src: &SourceFile,
+    mut src_off: u64,
+    dst: &File,
+    dst_path: &Path,
+    mut dst_off: u64,
+    mut len: u64,
+    use_cfr: &AtomicBool,
+) -> Result<()> {
+    while len > 0 && use_cfr.load(Ordering::Relaxed) {
+        let mut off_in = src_off as libc::loff_t;
+        let mut off_out = dst_off as libc::loff_t;
+        let want = len.min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the duration of the call (borrowed `File`s), and
+        // the offset pointers point to live locals the kernel updates.
+        let r = unsafe {
+            libc::copy_file_range(
+                src.file.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            let code = err.raw_os_error().unwrap_or(0);
+            if code == libc::EINTR {
+                continue;
+            }
+            if is_fallback_errno(code) {
+                use_cfr.store(false, Ordering::Relaxed);
+                break;
+            }
+            return Err(Error::io(dst_path, err));
+        }
+        if r == 0 {
+            return Err(Error::format(
+                &src.path,
+                format!("file ended at byte {src_off} while it was being copied (truncated?)"),
+            ));
+        }
+        src_off += r as u64;
+        dst_off += r as u64;
+        len -= r as u64;
+    }
+    if len > 0 {
+        let (a, b) = (src_off as usize, (src_off + len) as usize);
+        dst.write_all_at(&src.bytes()[a..b], dst_off)
+            .map_err(|e| Error::io(dst_path, e))?;
+    }
+    Ok(())
+}
+
+fn sync_range(f: &File, path: &Path, off: u64, len: u64) -> Result<()> {
+    // SAFETY: plain syscall on a borrowed open descriptor.
+    let r = unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if r < 0 {
+        let err = std::io::Error::last_os_error();
+        // Not every filesystem supports it; it is only a hint.
+        if matches!(
+            err.raw_os_error(),
+            Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+        ) {
+            return Ok(());
+        }
+        return Err(Error::io(path, err));
+    }
+    Ok(())
+}
+
+fn preallocate(f: &File, path: &Path, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain syscall on a borrowed open descriptor.
+    let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) };
+    match r {
+        0 => Ok(()),
+        libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS => {
+            f.set_len(len).map_err(|e| Error::io(path, e))
+        }
+        e => Err(Error::io(path, std::io::Error::from_raw_os_error(e))),
+    }
+}
+
+fn check_file_name(name: &str) -> Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(Error::Plan(format!(
+            "invalid output file name '{name}': it must be a plain file name"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes safetensors files into the existing directory `dir` (see `_core.pyi`).
+///
+/// Returns the number of tensor bytes written. On error or cancellation, the temporary files are
+/// removed and no final file is created or replaced.
+pub fn write_shards(
+    dir: &Path,
+    shards: &[ShardSpec],
+    opts: &WriteOptions,
+    progress: &Progress,
+) -> Result<u64> {
+    // ---- plan ----
+    let mut cache = FileCache::new();
+    let mut names = std::collections::HashSet::new();
+    let mut plans: Vec<Vec<TensorPlan>> = Vec::with_capacity(shards.len());
+    let mut layouts = Vec::with_capacity(shards.len());
+    for s in shards {
+        check_file_name(&s.file_name)?;
+        if !names.insert(s.file_name.as_str()) {
+            return Err(Error::Plan(format!(
+                "output file '{}' is listed twice",
+                s.file_name
+            )));
+        }
+        let mut tp = Vec::with_capacity(s.tensors.len());
+        for (src, out) in &s.tensors {
+            tp.push(prepare_source(src, *out, &mut cache)?);
+        }
+        let metas: Vec<TensorMeta<'_>> = tp
+            .iter()
+            .map(|t| TensorMeta {
+                name: &t.name,
+                dtype: t.out_dtype,
+                shape: &t.shape,
+            })
+            .collect();
+        layouts.push(layout_file(&metas)?);
+        plans.push(tp);
+    }
+    let pool = pool(opts.num_threads)?;
+    let window = window_bytes(pool.current_num_threads());
+
+    // ---- work items ----
+    let mut items = Vec::new();
+    let mut total = 0u64;
+    for (fi, (tp, lay)) in plans.iter().zip(&layouts).enumerate() {
+        let data_start = lay.header.len() as u64;
+        for &(ti, begin, end) in &lay.order {
+            let t = &tp[ti];
+            total += end - begin;
+            let base = data_start + begin;
+            if t.is_raw_contiguous() {
+                let sz = t.src_dtype.size() as u64;
+                for (ci, c) in t.copies.iter().enumerate() {
+                    let len = c.inner.0 * sz;
+                    let src0 = c.data_offset + c.src_elem * sz;
+                    let dst0 = base + c.dst_elem * sz;
+                    let mut o = 0;
+                    while o < len {
+                        let n = (len - o).min(MAX_RANGE);
+                        items.push(Work::Range {
+                            file: fi,
+                            tensor: ti,
+                            copy: ci,
+                            src_off: src0 + o,
+                            dst_off: dst0 + o,
+                            len: n,
+                        });
+                        o += n;
+                    }
+                }
+            } else {
+                let osz = t.out_dtype.size() as u64;
+                let per = (window as u64 / osz).max(1);
+                let mut e0 = 0;
+                while e0 < t.numel {
+                    let e1 = (e0 + per).min(t.numel);
+                    items.push(Work::Window {
+                        file: fi,
+                        tensor: ti,
+                        e0,
+                        e1,
+                        dst_off: base + e0 * osz,
+                    });
+                    e0 = e1;
+                }
+            }
+        }
+    }
+    progress.total.store(total, Ordering::Relaxed);
+
+    // ---- create outputs ----
+    let mut outs: Vec<OutFile> = Vec::with_capacity(shards.len());
+    let cleanup = |outs: &[OutFile]| {
+        for o in outs {
+            let _ = std::fs::remove_file(&o.tmp);
+        }
+    };
+    for (s, lay) in shards.iter().zip(&layouts) {
+        let path = dir.join(&s.file_name);
+        let tmp = dir.join(format!(".{}.fastckpt-tmp", s.file_name));
+        let r = (|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| Error::io(&path, e))?;
+            Ok(file)
+        })();
+        let file = match r {
+            Ok(f) => f,
+            Err(e) => {
+                cleanup(&outs);
+                return Err(e);
+            }
+        };
+        outs.push(OutFile { tmp, path, file });
+        let o = outs.last().expect("just pushed");
+        let r = preallocate(&o.file, &o.path, lay.file_len).and_then(|_| {
+            o.file
+                .write_all_at(&lay.header, 0)
+                .map_err(|e| Error::io(&o.path, e))
+        });
+        if let Err(e) = r {
+            cleanup(&outs);
+            return Err(e);
+        }
+    }
+
+    // ---- copy ----
+    let use_cfr = AtomicBool::new(true);
+    let bufs = Buffers::new(window);
+    let run = |w: &Work| -> Result<()> {
+        progress.check()?;
+        let (fi, off, len) = match *w {
+            Work::Range {
+                file,
+                tensor,
+                copy,
+                src_off,
+                dst_off,
+                len,
+            } => {
+                let c = &plans[file][tensor].copies[copy];
+                let o = &outs[file];
+                copy_range(&c.file, src_off, &o.file, &o.path, dst_off, len, &use_cfr)?;
+                (file, dst_off, len)
+            }
+            Work::Window {
+                file,
+                tensor,
+                e0,
+                e1,
+                dst_off,
+            } => {
+                let t = &plans[file][tensor];
+                let n = ((e1 - e0) * t.out_dtype.size() as u64) as usize;
+                let mut buf = bufs.take();
+                fill_window(t, e0, &mut buf[..n]);
+                let o = &outs[file];
+                let r = o.file.write_all_at(&buf[..n], dst_off);
+                bufs.put(buf);
+                r.map_err(|e| Error::io(&o.path, e))?;
+                (file, dst_off, n as u64)
+            }
+        };
+        if opts.fsync {
+            let o = &outs[fi];
+            sync_range(&o.file, &o.path, off, len)?;
+        }
+        progress.add(len);
+        Ok(())
+    };
+    let result = pool.install(|| {
+        items.par_iter().try_for_each(|w| {
+            let r = run(w);
+            if r.is_err() {
+                progress.cancel();
+            }
+            r
+        })
+    });
+    drop(bufs);
+    let result = result.and_then(|_| {
+        if opts.fsync {
+            pool.install(|| {
+                outs.par_iter()
+                    .try_for_each(|o| o.file.sync_all().map_err(|e| Error::io(&o.path, e)))
+            })?;
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        cleanup(&outs);
+        // A worker's own error wins over the `Cancelled` it caused in others.
+        return Err(e);
+    }
+    for (i, o) in outs.iter().enumerate() {
+        if let Err(e) = std::fs::rename(&o.tmp, &o.path) {
+            cleanup(&outs[i..]);
+            return Err(Error::io(&o.path, e));
+        }
+    }
+    if opts.fsync {
+        let d = File::open(dir).map_err(|e| Error::io(dir, e))?;
+        d.sync_all().map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(total)
+}
+
+/// Copies tensor `src`, in C order and cast to `out_dtype`, into `out`, which must hold exactly
+/// `numel · out_dtype.size()` bytes. Runs on the pool.
+pub fn gather(
+    src: &Source,
+    out_dtype: DType,
+    out: &mut [u8],
+    num_threads: Option<usize>,
+) -> Result<()> {
+    let mut cache = FileCache::new();
+    let t = prepare_source(src, out_dtype, &mut cache)?;
+    if out.len() as u64 != t.out_bytes() {
+        return Err(Error::shape(
+            &t.name,
+            format!(
+                "output buffer has {} bytes but the tensor needs {} ({} elements of {})",
+                out.len(),
+                t.out_bytes(),
+                t.numel,
+                out_dtype
+            ),
+        ));
+    }
+    if out.is_empty() {
+        return Ok(());
+    }
+    let pool = pool(num_threads)?;
+    let osz = out_dtype.size();
+    // Every window is written straight into `out`, so no buffer is needed: use big windows.
+    let per = (MAX_WINDOW / osz).max(1);
+    pool.install(|| {
+        out.par_chunks_mut(per * osz)
+            .enumerate()
+            .for_each(|(i, w)| fill_window(&t, (i * per) as u64, w));
+    });
+    Ok(())
+}
+
+/// XXH3-128 of tensor `src`'s bytes in C order (its own dtype), streamed through windows.
+pub fn digest(src: &Source) -> Result<u128> {
+    let mut cache = FileCache::new();
+    let t = prepare_source(src, src.dtype, &mut cache)?;
+    let sz = t.out_dtype.size();
+    let per = (MAX_WINDOW / sz).max(1) as u64;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = Vec::new();
+    let mut e0 = 0;
+    while e0 < t.numel {
+        let e1 = (e0 + per).min(t.numel);
+        let n = ((e1 - e0) as usize) * sz;
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        fill_window(&t, e0, &mut buf[..n]);
+        h.update(&buf[..n]);
+        e0 = e1;
+    }
+    Ok(h.digest128())
+}
