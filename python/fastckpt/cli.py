@@ -161,6 +161,10 @@ def convert(
     role: RoleOpt = None,
     metric: MetricOpt = None,
     lower_is_better: LowerOpt = False,
+    drop_value_head: Annotated[
+        bool,
+        typer.Option(help="Leave out a critic's value head (score.*, v_head.*): export the policy."),
+    ] = False,
     push_to_hub: Annotated[
         str | None, typer.Option(help="Upload DST to this Hub repo (needs fastckpt[hub]).")
     ] = None,
@@ -188,6 +192,7 @@ def convert(
             role=role,
             metric=metric,
             higher_is_better=not lower_is_better,
+            drop_value_head=drop_value_head,
         )
     for w in report.warnings:
         _warn(w)
