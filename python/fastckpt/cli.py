@@ -163,7 +163,7 @@ def convert(
     lower_is_better: LowerOpt = False,
     drop_value_head: Annotated[
         bool,
-        typer.Option(help="Leave out a critic's value head (score.*, v_head.*): export the policy."),
+        typer.Option(help="Leave out a value head (score.*, v_head.*): export the policy."),
     ] = False,
     push_to_hub: Annotated[
         str | None, typer.Option(help="Upload DST to this Hub repo (needs fastckpt[hub]).")
