@@ -339,9 +339,13 @@ def ls_run(
     from rich.console import Console
     from rich.table import Table
 
+    from fastckpt.runs import is_bookkeeping
+
     names: list[str] = []
     for s in doc["steps"]:
-        names += [k for k in s["metrics"] if k not in names]
+        names += [k for k in s["metrics"] if k not in names and not is_bookkeeping(k)]
+    if doc["metric"] and doc["metric"] not in names:
+        names.append(doc["metric"])
     table = Table(
         title=f"{doc['root']} ({doc['layout']}, role {doc['role']})", title_justify="left"
     )
@@ -352,8 +356,8 @@ def ls_run(
         table.add_row(
             str(s["step"]),
             s["format"],
-            f"{s['size'] / 1e6:,.1f} MB",
-            "yes" if s["complete"] else f"no: {s['reason']}",
+            _human(s["size"]),
+            "yes" if s["complete"] else "NO",
             *[f"{s['metrics'][k]:g}" if k in s["metrics"] else "-" for k in names],
             marks,
         )
@@ -361,8 +365,20 @@ def ls_run(
     if doc["metric"]:
         order = "higher" if doc["higher_is_better"] else "lower"
         typer.echo(f"best by {doc['metric']} ({order} is better): {doc['best']}")
+    for s in doc["steps"]:
+        if not s["complete"]:
+            typer.echo(f"step {s['step']} incomplete: {s['reason']}")
     for w in doc["warnings"]:
         _warn(w)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
 
 
 @app.command()

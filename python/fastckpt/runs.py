@@ -630,6 +630,11 @@ def _scan_megatron(root: Path, sub: str) -> Run:
     return run
 
 
+def is_bookkeeping(name: str) -> bool:
+    """``training_info.json`` entries that count progress rather than measure quality."""
+    return name in _BOOKKEEPING
+
+
 def _default_metric(run: Run) -> str | None:
     """The run's only validation metric (or its only metric), if there is exactly one."""
     names = [n for n in run.metric_names() if n not in _BOOKKEEPING]
@@ -683,7 +688,7 @@ def resolve_source(
     run = scan_run(p, role=role)
     chosen, warnings = run.select(step, metric=metric, higher_is_better=higher_is_better)
     assert chosen.weights is not None  # complete steps always have weights
-    how = "latest" if step in (None, "latest") else str(step)
+    how = "latest" if step in (None, "latest") else "as requested"
     if step == "best":
         name = run.resolve_metric(metric)
         how = f"best by {name} = {chosen.metrics[name]:g}"
