@@ -67,7 +67,9 @@ def main(out: Path) -> None:
 
     def ref(run: str, step: int, sd: dict[str, torch.Tensor]) -> None:
         (refs / run).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(refs / run / f"{step}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in sd.items()}, str(refs / run / f"{step}.safetensors")
+        )
 
     # NeMo RL: step_N/{policy,value}/weights (DCP v1), tmp_step_50, a step without .metadata
     root = out / "nemo"
@@ -80,8 +82,9 @@ def main(out: Path) -> None:
         ref("nemo-critic", n, vd)
     save_dcp({"model": state_dict(1050)}, root / "tmp_step_50" / "policy" / "weights")
     info(root / "tmp_step_50", 50, 0.99)
-    save_dcp({"model": state_dict(1060)}, root / "step_60" / "policy" / "weights",
-             drop_metadata=True)  # fmt: skip
+    save_dcp(
+        {"model": state_dict(1060)}, root / "step_60" / "policy" / "weights", drop_metadata=True
+    )
     info(root / "step_60", 60, 0.98)
     manifest["nemo"] = {"root": str(root), "latest": 40, "best": 20}
 
@@ -116,13 +119,17 @@ def main(out: Path) -> None:
     root = out / "rlinf"
     for n, metric in STEPS.items():
         sd = state_dict(6000 + n)
-        save_dcp({"fsdp_checkpoint": {"model": sd}},
-                 root / "checkpoints" / f"global_step_{n}" / "actor" / "dcp_checkpoint")  # fmt: skip
+        save_dcp(
+            {"fsdp_checkpoint": {"model": sd}},
+            root / "checkpoints" / f"global_step_{n}" / "actor" / "dcp_checkpoint",
+        )
         info(root / "checkpoints" / f"global_step_{n}", n, metric)
         ref("rlinf", n, sd)
-    save_dcp({"fsdp_checkpoint": {"model": state_dict(6050)}},
-             root / "checkpoints" / "global_step_50" / "actor" / "dcp_checkpoint",
-             drop_metadata=True)  # fmt: skip
+    save_dcp(
+        {"fsdp_checkpoint": {"model": state_dict(6050)}},
+        root / "checkpoints" / "global_step_50" / "actor" / "dcp_checkpoint",
+        drop_metadata=True,
+    )
     manifest["rlinf"] = {"root": str(root), "latest": 40, "best": 20}
 
     # prime-rl: checkpoints/step_N/trainer (app.model.*)
@@ -132,8 +139,11 @@ def main(out: Path) -> None:
         save_dcp({"app": {"model": sd}}, root / "checkpoints" / f"step_{n}" / "trainer")
         info(root / "checkpoints" / f"step_{n}", n, metric)
         ref("prime", n, sd)
-    save_dcp({"app": {"model": state_dict(7050)}},
-             root / "checkpoints" / "step_50" / "trainer", drop_metadata=True)  # fmt: skip
+    save_dcp(
+        {"app": {"model": state_dict(7050)}},
+        root / "checkpoints" / "step_50" / "trainer",
+        drop_metadata=True,
+    )
     (root / "configs").mkdir()
     (root / "configs" / "trainer.json").write_text(json.dumps({"model": {"impl": "hf"}}))
     manifest["prime"] = {"root": str(root), "latest": 40, "best": 20}
@@ -146,10 +156,16 @@ def main(out: Path) -> None:
             tag = root / role / f"global_step{n}"
             tag.mkdir(parents=True)
             torch.save(
-                {"module": d, "buffer_names": [], "dp_world_size": 1, "mp_world_size": 1,
-                 "param_shapes": [{k: v.shape for k, v in d.items()}], "ds_version": "0.16.0"},
+                {
+                    "module": d,
+                    "buffer_names": [],
+                    "dp_world_size": 1,
+                    "mp_world_size": 1,
+                    "param_shapes": [{k: v.shape for k, v in d.items()}],
+                    "ds_version": "0.16.0",
+                },
                 tag / "mp_rank_00_model_states.pt",
-            )  # fmt: skip
+            )
             if metric is not None:
                 (tag / "metric.json").write_text(
                     json.dumps({"metric_key": "eval_reward", "metric_value": metric})
