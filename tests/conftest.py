@@ -242,3 +242,11 @@ def torch_single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # hypothesis inspects annotations when it reports a failure; on this stack that touches
+    # mypy_extensions.TypedDict, whose DeprecationWarning would turn the report into an error
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )

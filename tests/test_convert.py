@@ -23,6 +23,8 @@ from conftest import (
     sha256,
     tree_digest,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 # ---------------------------------------------------------------------------------------------
 # Tensors: bit for bit against the unsharded reference and against torch's own converter
@@ -567,3 +569,69 @@ def test_shipped_sample_converts(tmp_path: Path, torch_single_thread: None) -> N
     _, info = AutoModelForCausalLM.from_pretrained(dst, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert fastckpt.verify(SAMPLE / "weights", dst).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: any single-process DCP of odd tensors converts bit for bit, any shard size
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = ["float32", "bfloat16", "float16", "float64", "int64", "int32", "int8", "uint8", "bool"]
+
+
+@st.composite
+def _state_dicts(draw: Any) -> dict[str, Any]:
+    import torch
+
+    n = draw(st.integers(1, 6))
+    names = draw(
+        st.lists(
+            st.from_regex(r"[a-z]{1,3}(\.[a-z0-9]{1,3}){0,2}", fullmatch=True),
+            min_size=n,
+            max_size=n,
+            unique=True,
+        )
+    )
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        dtype = getattr(torch, draw(st.sampled_from(DTYPES)))
+        shape = tuple(draw(st.lists(st.integers(0, 7), min_size=0, max_size=3)))
+        base = torch.randn(shape, generator=g) * 50
+        t = base.to(dtype) if dtype != torch.bool else base > 0
+        view = draw(st.sampled_from(["plain", "transpose", "slice"]))
+        if view == "transpose" and t.dim() >= 2:
+            t = t.transpose(0, 1)
+        elif view == "slice" and t.dim() >= 1 and t.shape[0] > 1:
+            t = t[1:]
+        out[name] = t
+    return out
+
+
+@given(sd=_state_dicts(), shard=st.integers(1, 400))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_property_single_process_dcp(sd: dict[str, Any], shard: int) -> None:
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "dcp", Path(tmp) / "out"
+        # dotted keys used verbatim, as in a model state dict
+        dcp.save({"model": sd, "optim": {"lr": 0.1}}, checkpoint_id=src, no_dist=True)
+        fastckpt.convert(src, dst, max_shard_size=shard)
+        got = load_output(dst)
+        assert sorted(got) == sorted(sd)
+        for name, t in sd.items():
+            assert_bit_equal(got[name], t.contiguous(), name)
+        # same files as safetensors would write for the hub's split of the same tensors
+        want = {k: t.contiguous() for k, t in sd.items()}
+        split = split_torch_state_dict_into_shards(want, max_shard_size=shard)
+        files = sorted(p.name for p in dst.glob("*.safetensors"))
+        assert files == sorted(split.filename_to_tensors)
+        for f, names in split.filename_to_tensors.items():
+            ref = Path(tmp) / "ref.safetensors"
+            save_file({k: want[k].clone() for k in names}, str(ref), metadata={"format": "pt"})
+            assert sha256(dst / f) == sha256(ref), f
