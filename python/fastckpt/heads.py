@@ -63,7 +63,10 @@ def split_value_head(
         )
     else:
         need = "trl's AutoModelForCausalLMWithValueHead (v_head.summary.*)"
-    have = f"config.json names {arch}" if arch else "no config.json was found"
+    if arch:
+        have = f"config.json names {arch}"
+    else:
+        have = "config.json names no architecture" if config else "no config.json was found"
     return names, [
         f"kept the value head ({shown}): the output needs {need}, but {have}; pass "
         "--drop-value-head (drop_value_head=True) to export the policy weights only"

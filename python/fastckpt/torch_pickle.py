@@ -756,6 +756,14 @@ class PickledDict(dict[Any, Any]):
         self.state = state
 
 
+def _stub_getattr(obj: Any, name: Any) -> Any:
+    """``getattr`` as pickles use it for nested classes (``ShardedTensor.ProcessGroupState``):
+    allowed on stub classes only, giving another stub class; never a real attribute lookup."""
+    if isinstance(obj, type) and issubclass(obj, Stub):
+        return _make_stub(obj.qualname(), str(name))
+    raise FormatError(f"refusing pickled getattr({type(obj).__name__}, {name!r})")
+
+
 def _device(*args: Any) -> str:
     return str(args[0]) if args else "cpu"
 
@@ -771,6 +779,8 @@ def _state_dict_globals() -> dict[tuple[str, str], Any]:
     for name, fn in _SAFE_BUILTINS.items():
         table[("builtins", name)] = fn
         table[("__builtin__", name)] = fn
+    table[("builtins", "getattr")] = _stub_getattr
+    table[("__builtin__", "getattr")] = _stub_getattr
     return table
 
 

@@ -333,6 +333,16 @@ def _placement_box(
     return tuple(offsets), tuple(sizes), primary
 
 
+def _normalise(key: str) -> str:
+    """:func:`normalise_name` to a fixed point: adjacent wrapper components
+    (``_fsdp_wrapped_module._checkpoint_wrapped_module.``) need more than one pass."""
+    while True:
+        name = normalise_name(key)
+        if name == key:
+            return name
+        key = name
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -448,7 +458,7 @@ def _assemble(
                 if math.prod(shape) and isinstance(v, TensorRef)
             )
             placed_value = _Placed(tuple(chunks), replicas)
-        name = normalise_name(key)
+        name = _normalise(key)
         if name in names:
             raise FormatError(f"{source}: keys {names[name]!r} and {key!r} both map to {name!r}")
         names[name] = key
