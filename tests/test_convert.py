@@ -40,9 +40,10 @@ def test_every_tensor_equals_reference(
     report = fastckpt.convert(c.dcp(variant), dst)
     got = load_output(dst)
     want = c.expected()
+    for name, t in want.items():  # values first, so one missing name does not hide the rest
+        if name in got:
+            assert_bit_equal(got[name], t, name)
     assert sorted(got) == sorted(want)
-    for name, t in want.items():
-        assert_bit_equal(got[name], t, name)
     assert report.n_tensors == len(want)
     assert report.nbytes == sum(t.numel() * t.element_size() for t in want.values())
     written = {p.name for p in dst.glob("*.safetensors")}
@@ -82,9 +83,9 @@ def test_equals_dcp_to_torch_save(
         node = node[part]
     theirs = _flatten(node)
     ours = load_output(converted(case, variant))
-    assert set(ours) == set(theirs) - ({"lm_head.weight"} if c.tied else set())
     for name, t in ours.items():
         assert_bit_equal(t, theirs[name], name)
+    assert set(ours) == set(theirs) - ({"lm_head.weight"} if c.tied else set())
 
 
 def test_source_never_modified(cases: dict[str, Case], tmp_path: Path) -> None:
@@ -351,16 +352,18 @@ def test_cast_leaves_integers_and_bools(cases: dict[str, Case], convert_to: Any)
     c = cases["dtensor_ws4"]
     got = load_output(convert_to(c.dcp(), dtype="bf16"))
     want = c.expected()
-    assert sorted(got) == sorted(want)
     floats = {torch.float32, torch.float16, torch.float64, torch.bfloat16}
     n_int = 0
     for name, t in want.items():
+        if name not in got:
+            continue
         if t.dtype in floats:
             assert_bit_equal(got[name], t.to(torch.bfloat16), name)
         else:
             n_int += 1
             assert_bit_equal(got[name], t, name)
     assert n_int >= 5
+    assert sorted(got) == sorted(want)
 
 
 def test_cast_f64_to_fp16_rounds_like_torch(cases: dict[str, Case], convert_to: Any) -> None:
