@@ -590,8 +590,13 @@ _DENIED_MODULES = frozenset(
         "importlib", "runpy", "pickle", "_pickle", "marshal", "ctypes", "pty", "socket",
         "code", "codeop", "webbrowser", "platform", "multiprocessing", "signal", "eval", "exec",
         "torch._dynamo", "torch.ops", "torch.hub", "torch.jit", "torch.serialization",
+        "pathlib", "tempfile", "shelve", "glob", "fileinput",
     }
 )  # fmt: skip
+#: single globals refused even as stubs (they open files)
+_DENIED_GLOBALS = frozenset(
+    {("io", "open"), ("_io", "open"), ("io", "FileIO"), ("_io", "FileIO"), ("codecs", "open")}
+)
 
 #: builtins that real state dicts use and that are safe to call
 _SAFE_BUILTINS: dict[str, Any] = {
@@ -805,7 +810,8 @@ class StubbingUnpickler(RestrictedUnpickler):
             return found
         root = module.split(".")[0]
         if (
-            module in _DENIED_MODULES
+            (module, name) in _DENIED_GLOBALS
+            or module in _DENIED_MODULES
             or root in _DENIED_MODULES
             or any(module.startswith(m + ".") for m in _DENIED_MODULES)
         ):

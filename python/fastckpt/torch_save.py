@@ -197,6 +197,14 @@ def _coordinate(
     return shape, coordinate
 
 
+def _flat_param_message(source: str, key: str) -> str:
+    return (
+        f"{source}: entry {key!r} is an FSDP1 flat parameter (LOCAL_STATE_DICT): flat "
+        "parameters are padded 1-D slices of many tensors with no per-tensor shapes, so they "
+        "cannot be converted; save with SHARDED_STATE_DICT on a device mesh, or FSDP2"
+    )
+
+
 def _model_dict(obj: Any, source: str) -> tuple[dict[Any, Any], str]:
     """The model state dict inside a loaded checkpoint, and the key it was found under."""
 
@@ -210,6 +218,9 @@ def _model_dict(obj: Any, source: str) -> tuple[dict[Any, Any], str]:
             sub = obj.get(key)
             if isinstance(sub, dict) and tensors_in(sub):
                 return sub, key
+        flat = [k for k in obj if "_flat_param" in str(k)]
+        if flat:
+            raise FormatError(_flat_param_message(source, str(flat[0])))
         shown = ", ".join(repr(k) for k in list(obj)[:8])
         raise FormatError(f"{source}: no model state dict found (top-level keys: {shown})")
     kind = obj.qualname() if isinstance(obj, Stub) else type(obj).__name__
@@ -239,11 +250,7 @@ def _load_file(path: Path, rank: int) -> _RankFile:
         for key, value in state.items():
             key = str(key)
             if "_flat_param" in key:
-                raise FormatError(
-                    f"{path}: entry {key!r} is an FSDP1 flat parameter (LOCAL_STATE_DICT): flat "
-                    "parameters are padded 1-D slices with no per-tensor shapes, so they cannot "
-                    "be converted; save with SHARDED_STATE_DICT on a device mesh, or FSDP2"
-                )
+                raise FormatError(_flat_param_message(str(path), key))
             if isinstance(value, TensorRef | DTensorRef):
                 local = value.local if isinstance(value, DTensorRef) else value
                 entry = archive.storage(local.storage)
