@@ -164,12 +164,14 @@ impl std::fmt::Display for DType {
 /// Converts an `f32` to bfloat16 bits, round to nearest even, NaN → `0x7FC0` (c10).
 #[inline(always)]
 pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    if x.is_nan() {
-        return 0x7FC0;
-    }
     let b = x.to_bits();
-    let rounding = 0x7FFF + ((b >> 16) & 1);
-    (b.wrapping_add(rounding) >> 16) as u16
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    // branch-free select, so that the loop vectorises
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        0x7FC0
+    } else {
+        rounded
+    }
 }
 
 /// Converts an `f32` to IEEE half bits, round to nearest even (as torch / F16C).

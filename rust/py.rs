@@ -18,7 +18,7 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyTuple};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -249,5 +249,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_shards, m)?)?;
     m.add_function(wrap_pyfunction!(gather, m)?)?;
     m.add_function(wrap_pyfunction!(digest, m)?)?;
+    // The argument shapes of the stub (`Chunk`, `Source`) are plain tuples at runtime.
+    let tuple = py.get_type::<PyTuple>();
+    m.setattr("Chunk", &tuple)?;
+    m.setattr("Source", &tuple)?;
+    // `add` records names in `__all__`; the stub declares none, so keep the module without it.
+    if m.hasattr("__all__")? {
+        m.delattr("__all__")?;
+    }
     Ok(())
 }

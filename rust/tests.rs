@@ -371,7 +371,7 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn split_and_write_back_is_identity((shape, cuts, layouts, cast) in case()) {
         let dir = tempfile::tempdir().unwrap();
