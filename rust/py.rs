@@ -7,7 +7,8 @@
 //! `write_shards` runs the work on a scoped thread while the calling thread, GIL released, waits in
 //! ~100 ms steps; at each step it re-attaches to call `progress(done, total)` and
 //! `check_signals()`. An exception from either sets the cancel flag; the worker stops between
-//! work items, is joined, and the Python exception is re-raised.
+//! work items, is joined, its temporary files are removed, and the Python exception is re-raised.
+//! The final progress call comes before the files are renamed into place.
 
 use crate::dtype::DType;
 use crate::error::Error;
@@ -155,7 +156,7 @@ fn write_shards(
             let (tx, rx) = mpsc::channel();
             let (specs, prog, dir) = (&specs, &prog, &directory);
             s.spawn(move || {
-                let r = writer::write_shards(dir, specs, &opts, prog);
+                let r = writer::stage_shards(dir, specs, &opts, prog);
                 let _ = tx.send(r);
             });
             let mut py_err: Option<PyErr> = None;
@@ -163,11 +164,13 @@ fn write_shards(
                 match rx.recv_timeout(Duration::from_millis(100)) {
                     Ok(r) => {
                         if let Some(e) = py_err {
-                            return Err(e);
+                            return Err(e); // dropping a staged result removes its files
                         }
-                        let n = r.map_err(to_pyerr)?;
+                        let staged = r.map_err(to_pyerr)?;
+                        // The last progress call comes before the files are put in place, so
+                        // that an exception from it still cancels the write.
                         Python::attach(|py| poll(py, cb, prog))?;
-                        return Ok(n);
+                        return staged.commit().map_err(to_pyerr);
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         if py_err.is_none() {

@@ -225,16 +225,14 @@ fn check_file_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Writes safetensors files into the existing directory `dir` (see `_core.pyi`).
-///
-/// Returns the number of tensor bytes written. On error or cancellation, the temporary files are
-/// removed and no final file is created or replaced.
-pub fn write_shards(
+/// Plans and writes every file of [`write_shards`] under a hidden temporary name in `dir`
+/// (`.NAME.fastckpt-tmp`), fsynced when asked; the caller commits or drops the result.
+pub fn stage_shards(
     dir: &Path,
     shards: &[ShardSpec],
     opts: &WriteOptions,
     progress: &Progress,
-) -> Result<u64> {
+) -> Result<Staged> {
     // ---- plan ----
     let mut cache = FileCache::new();
     let mut names = std::collections::HashSet::new();
@@ -399,13 +397,20 @@ pub fn write_shards(
         progress.add(len);
         Ok(())
     };
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let result = pool.install(|| {
-        items.par_iter().try_for_each(|w| {
-            let r = run(w);
-            if r.is_err() {
+        items.par_iter().try_for_each(|w| match run(w) {
+            Ok(()) => Ok(()),
+            Err(Error::Cancelled) => Err(Error::Cancelled),
+            Err(e) => {
+                // Keep the first real error; the other workers then stop with `Cancelled`.
                 progress.cancel();
+                let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.is_none() {
+                    *slot = Some(e);
+                }
+                Err(Error::Cancelled)
             }
-            r
         })
     });
     drop(bufs);
@@ -420,20 +425,74 @@ pub fn write_shards(
     });
     if let Err(e) = result {
         cleanup(&outs);
-        // A worker's own error wins over the `Cancelled` it caused in others.
-        return Err(e);
+        // A worker's own error wins over the `Cancelled` it caused in the others.
+        let first = first_err.lock().unwrap_or_else(|p| p.into_inner()).take();
+        return Err(first.unwrap_or(e));
     }
-    for (i, o) in outs.iter().enumerate() {
-        if let Err(e) = std::fs::rename(&o.tmp, &o.path) {
-            cleanup(&outs[i..]);
-            return Err(Error::io(&o.path, e));
+    Ok(Staged {
+        outs,
+        dir: dir.to_path_buf(),
+        fsync: opts.fsync,
+        total,
+    })
+}
+
+/// Files written by [`stage_shards`] under temporary names, not yet in place.
+///
+/// [`Staged::commit`] renames them into place; dropping a `Staged` removes them.
+pub struct Staged {
+    outs: Vec<OutFile>,
+    dir: PathBuf,
+    fsync: bool,
+    total: u64,
+}
+
+impl Staged {
+    /// Tensor bytes written.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Renames every file into place (then, with `fsync`, fsyncs the directory); returns the
+    /// number of tensor bytes written.
+    pub fn commit(mut self) -> Result<u64> {
+        let outs = std::mem::take(&mut self.outs);
+        for (i, o) in outs.iter().enumerate() {
+            if let Err(e) = std::fs::rename(&o.tmp, &o.path) {
+                for o in &outs[i..] {
+                    let _ = std::fs::remove_file(&o.tmp);
+                }
+                return Err(Error::io(&o.path, e));
+            }
+        }
+        if self.fsync {
+            let d = File::open(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+            d.sync_all().map_err(|e| Error::io(&self.dir, e))?;
+        }
+        Ok(self.total)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for o in &self.outs {
+            let _ = std::fs::remove_file(&o.tmp);
         }
     }
-    if opts.fsync {
-        let d = File::open(dir).map_err(|e| Error::io(dir, e))?;
-        d.sync_all().map_err(|e| Error::io(dir, e))?;
-    }
-    Ok(total)
+}
+
+/// Writes safetensors files into the existing directory `dir` (see `_core.pyi`):
+/// [`stage_shards`], then [`Staged::commit`].
+///
+/// Returns the number of tensor bytes written. On error or cancellation, the temporary files are
+/// removed and no final file is created or replaced.
+pub fn write_shards(
+    dir: &Path,
+    shards: &[ShardSpec],
+    opts: &WriteOptions,
+    progress: &Progress,
+) -> Result<u64> {
+    stage_shards(dir, shards, opts, progress)?.commit()
 }
 
 /// Copies tensor `src`, in C order and cast to `out_dtype`, into `out`, which must hold exactly
