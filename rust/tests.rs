@@ -4,8 +4,10 @@
 
 use crate::dtype::{cast_fn, f32_to_bf16_bits, DType};
 use crate::error::Error;
-use crate::plan::{layout_file, plan_shards, Chunk, Source, TensorMeta};
+use crate::mmap::FileCache;
+use crate::plan::{layout_file, plan_shards, prepare_source, Chunk, Source, TensorMeta};
 use crate::pool::Progress;
+use crate::reshard::fill_window;
 use crate::writer::{digest, gather, write_shards, ShardSpec, WriteOptions};
 use proptest::prelude::*;
 use std::io::Write;
@@ -371,7 +373,7 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn split_and_write_back_is_identity((shape, cuts, layouts, cast) in case()) {
         let dir = tempfile::tempdir().unwrap();
@@ -401,6 +403,19 @@ proptest! {
         let src = Source { name: "w".into(), dtype: DType::BF16, shape: shape.clone(), chunks };
         let want = global_bytes(&shape);
         prop_assert_eq!(&gather_vec(&src).unwrap(), &want);
+        // windows of every small size: runs cut at arbitrary element boundaries
+        let plan = prepare_source(&src, DType::BF16, &mut FileCache::new()).unwrap();
+        let numel = want.len() / 2;
+        for per in [1usize, 2, 3, 5, 7, 16] {
+            let mut got = vec![0u8; want.len()];
+            let mut e0 = 0;
+            while e0 < numel {
+                let e1 = (e0 + per).min(numel);
+                fill_window(&plan, e0 as u64, &mut got[e0 * 2..e1 * 2]);
+                e0 = e1;
+            }
+            prop_assert_eq!(&got, &want);
+        }
         prop_assert_eq!(digest(&src).unwrap(), xxhash_rust::xxh3::xxh3_128(&want));
 
         // write it (optionally cast to F32) next to a contiguous copy, compare the data region
