@@ -534,7 +534,7 @@ class TorchZip:
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise FormatError(f"{self.path}: bad local zip header for {info.filename}")
         name_len, extra_len = struct.unpack_from("<HH", header, 26)
-        return int(info.header_offset) + 30 + name_len + extra_len
+        return int(info.header_offset) + 30 + int(name_len) + int(extra_len)
 
     def read(self, entry: ZipEntry) -> bytes:
         """Read a (small) entry completely."""
