@@ -102,13 +102,11 @@ def _zero_copy_offset(entry: TensorEntry, itemsize: int) -> int | None:
         if dim != 1 and stride != expected:
             return None
         expected *= dim
-    offset = chunk.data_offset + chunk.storage_offset * itemsize
-    if (
-        offset % itemsize
-        or chunk.storage_offset * itemsize + meta.numel * itemsize > chunk.data_len
-    ):
+    if (chunk.storage_offset + meta.numel) * itemsize > chunk.data_len:
         return None
-    return offset
+    # DCP items sit at arbitrary file offsets: the view may be unaligned, which numpy and
+    # torch both accept
+    return chunk.data_offset + chunk.storage_offset * itemsize
 
 
 class Checkpoint:

@@ -41,7 +41,9 @@ MODEL_WRAPPERS: tuple[tuple[str, ...], ...] = (
 )
 
 #: module-wrapper name components that never belong in a Hugging Face name
-_WRAPPER_PARTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+_WRAPPER_PARTS = re.compile(
+    r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\."
+)
 
 _RANK_METADATA = re.compile(r"^__\d+\.metadata$")
 
@@ -117,7 +119,7 @@ def load_metadata(directory: Path) -> Metadata:
 
 def normalise_name(name: str) -> str:
     """Drop module-wrapper components (``_fsdp_wrapped_module.``, ``_orig_mod.``, ``module.``)."""
-    name = _WRAPPER_PARTS.sub(r"\1", name)
+    name = _WRAPPER_PARTS.sub("", name)
     return name.removeprefix("module.")
 
 
@@ -130,19 +132,27 @@ def _paths(md: Metadata) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+def _under(path: tuple[Any, ...], wrapper: tuple[Any, ...]) -> bool:
+    return len(path) > len(wrapper) and path[: len(wrapper)] == wrapper
+
+
 def _choose_wrapper(paths: dict[str, tuple[Any, ...]], tensor_keys: list[str]) -> tuple[Any, ...]:
-    prefixes = {paths[k][:-1] for k in tensor_keys}
+    """The planner-data prefix that holds the model state dict (stripped exactly once)."""
+    tensor_paths = [paths[k] for k in tensor_keys]
     for wrapper in MODEL_WRAPPERS:
-        if wrapper in prefixes:
+        if any(_under(p, wrapper) for p in tensor_paths):
             return wrapper
-    if not prefixes or prefixes == {()}:
+    if all(len(p) == 1 for p in tensor_paths):
         return ()
-    ending_in_model = [p for p in prefixes if p and p[-1] == "model"]
+    # an unknown wrapper ending in "model" (e.g. ("trainer", "model")), if there is one
+    ending_in_model = {
+        p[: i + 1] for p in tensor_paths for i in range(len(p) - 1) if p[i] == "model"
+    }
     if len(ending_in_model) == 1:
-        return ending_in_model[0]
-    if () in prefixes:
+        return ending_in_model.pop()
+    if any(len(p) == 1 for p in tensor_paths):
         return ()
-    shown = ", ".join(sorted(".".join(map(str, p)) for p in prefixes))
+    shown = ", ".join(sorted({str(p[0]) for p in tensor_paths}))
     raise FormatError(
         f"cannot tell which entries hold the model weights (top-level groups: {shown}); "
         "use include= / --include to pick tensors by name"
@@ -165,7 +175,7 @@ def read_dcp(directory: Path) -> Catalogue:
             skipped.append(key)
             continue
         path = paths[key]
-        is_model = path[:-1] == wrapper
+        is_model = _under(path, wrapper)
         torch_dtype = str(item.properties.dtype)
         st_dtype = TORCH_TO_ST.get(torch_dtype)
         if st_dtype is None:
@@ -176,7 +186,7 @@ def read_dcp(directory: Path) -> Catalogue:
                 )
             skipped.append(key)
             continue
-        name = normalise_name(str(path[-1])) if is_model else key
+        name = normalise_name(".".join(str(p) for p in path[len(wrapper) :])) if is_model else key
         if is_model:
             if "_flat_param" in name:
                 raise FormatError(
