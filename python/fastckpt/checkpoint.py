@@ -79,7 +79,8 @@ def numpy_dtype(dtype: str) -> np.dtype[Any]:
                 f"numpy has no {dtype} dtype and ml_dtypes is not installed: "
                 "pip install ml_dtypes, or use tensor(name, framework='pt')"
             ) from None
-        return np.dtype(getattr(ml_dtypes, _ML_DTYPES_NAMES[dtype]))
+        found: np.dtype[Any] = np.dtype(getattr(ml_dtypes, _ML_DTYPES_NAMES[dtype]))
+        return found
     raise FastckptError(f"no numpy dtype for {dtype}")
 
 
@@ -169,7 +170,7 @@ class Checkpoint:
         nbytes = meta.numel * itemsize
         offset = _zero_copy_offset(entry, itemsize)
         if offset is not None:
-            mode = "c" if framework == "pt" else "r"
+            mode: Literal["c", "r"] = "c" if framework == "pt" else "r"
             raw: np.ndarray[Any, Any] = np.memmap(
                 entry.chunks[0].path, dtype=np.uint8, mode=mode, offset=offset, shape=(nbytes,)
             )

@@ -159,6 +159,9 @@ class _Record:
 
 
 class Metadata(_Record):
+    state_dict_metadata: dict[str, Any]
+    storage_data: dict[Any, Any]
+    planner_data: dict[str, Any] | None
     _defaults: ClassVar[dict[str, Any]] = {
         "planner_data": None,
         "storage_meta": None,
@@ -168,7 +171,9 @@ class Metadata(_Record):
 
 
 class TensorStorageMetadata(_Record):
-    pass
+    properties: Any
+    size: Any
+    chunks: list[Any]
 
 
 class BytesStorageMetadata(_Record):
