@@ -1,8 +1,8 @@
 //! The safetensors writer, and whole-tensor gather / digest.
 //!
 //! [`write_shards`] plans everything first (validation, headers, offsets), then:
-//! 1. creates each output as a hidden sibling temporary file, `posix_fallocate`s it to its final
-//!    size (a full disk is a clean `ENOSPC` error; nothing is ever written through a writable
+//! 1. creates each output as a hidden sibling temporary file, preallocates it (`fallocate`) to its
+//!    final size (a full disk is a clean `ENOSPC` error; nothing is ever written through a writable
 //!    mapping, so no SIGBUS) and `pwrite`s its header at offset 0;
 //! 2. runs work items of all files in parallel on the pool:
 //!    - *range copies*: a tensor with no cast whose chunks are each one contiguous range, split in
@@ -201,18 +201,30 @@ fn sync_range(f: &File, path: &Path, off: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Reserves `len` bytes for `f`, so that a full disk is an `ENOSPC` error here and not later.
+///
+/// Linux `fallocate(2)` rather than `posix_fallocate(3)`: where the filesystem cannot preallocate
+/// (NFS < 4.2, some FUSE), glibc's emulation writes one byte per block, which is very slow on
+/// remote mounts; there the file is only extended, and a full disk surfaces as `ENOSPC` from the
+/// positioned writes instead (never SIGBUS: nothing is written through a mapping).
 fn preallocate(f: &File, path: &Path, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    // SAFETY: plain syscall on a borrowed open descriptor.
-    let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, len as libc::off_t) };
-    match r {
-        0 => Ok(()),
-        libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS => {
-            f.set_len(len).map_err(|e| Error::io(path, e))
+    loop {
+        // SAFETY: plain syscall on a borrowed open descriptor.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
         }
-        e => Err(Error::io(path, std::io::Error::from_raw_os_error(e))),
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                return f.set_len(len).map_err(|e| Error::io(path, e));
+            }
+            _ => return Err(Error::io(path, err)),
+        }
     }
 }
 
