@@ -4,7 +4,8 @@
 //! 1. creates each output as a hidden sibling temporary file, preallocates it (`fallocate`) to its
 //!    final size (a full disk is a clean `ENOSPC` error; nothing is ever written through a writable
 //!    mapping, so no SIGBUS) and `pwrite`s its header at offset 0;
-//! 2. runs work items of all files in parallel on the pool:
+//! 2. runs the work items on the pool, threads spread over files first (one writer per file while
+//!    there are files enough; see `choose_queue`), each file's items in order:
 //!    - *range copies*: a tensor with no cast whose chunks are each one contiguous range, split in
 //!      pieces of ≤ 32 MiB, copied with `copy_file_range` (zero user-space copies), falling back
 //!      to `pwrite` from the source mapping when the kernel refuses (`EXDEV`, `EINVAL`, `ENOSYS`,
@@ -29,7 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Total budget of window buffers, shared by all threads.
@@ -237,6 +238,50 @@ fn check_file_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The work items of one output file, taken in order by the threads working on that file.
+struct FileQueue {
+    items: Vec<Work>,
+    next: AtomicUsize,
+    active: AtomicUsize,
+}
+
+impl FileQueue {
+    fn new(items: Vec<Work>) -> Self {
+        FileQueue {
+            items,
+            next: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+        }
+    }
+    fn remaining(&self) -> usize {
+        self.items
+            .len()
+            .saturating_sub(self.next.load(Ordering::SeqCst))
+    }
+    fn next(&self) -> Option<&Work> {
+        self.items.get(self.next.fetch_add(1, Ordering::SeqCst))
+    }
+}
+
+/// Picks the file a free thread works on next: one with items left and the fewest threads on it
+/// (most items left among those). Concurrent buffered writes to one file serialise on its inode
+/// lock, so threads spread over files first ("one writer per output shard") and share a file
+/// only when no other has work left.
+fn choose_queue<'a>(queues: &'a [FileQueue], pick: &Mutex<()>) -> Option<&'a FileQueue> {
+    let _guard = pick.lock().unwrap_or_else(|p| p.into_inner());
+    let q = queues
+        .iter()
+        .filter(|q| q.remaining() > 0)
+        .min_by_key(|q| {
+            (
+                q.active.load(Ordering::SeqCst),
+                std::cmp::Reverse(q.remaining()),
+            )
+        })?;
+    q.active.fetch_add(1, Ordering::SeqCst);
+    Some(q)
+}
+
 /// Plans and writes every file of [`write_shards`] under a hidden temporary name in `dir`
 /// (`.NAME.fastckpt-tmp`), fsynced when asked; the caller commits or drops the result.
 pub fn stage_shards(
@@ -277,7 +322,7 @@ pub fn stage_shards(
     let window = window_bytes(pool.current_num_threads());
 
     // ---- work items ----
-    let mut items = Vec::new();
+    let mut items: Vec<Vec<Work>> = (0..plans.len()).map(|_| Vec::new()).collect();
     let mut total = 0u64;
     for (fi, (tp, lay)) in plans.iter().zip(&layouts).enumerate() {
         let data_start = lay.header.len() as u64;
@@ -294,7 +339,7 @@ pub fn stage_shards(
                     let mut o = 0;
                     while o < len {
                         let n = (len - o).min(MAX_RANGE);
-                        items.push(Work::Range {
+                        items[fi].push(Work::Range {
                             file: fi,
                             tensor: ti,
                             copy: ci,
@@ -311,7 +356,7 @@ pub fn stage_shards(
                 let mut e0 = 0;
                 while e0 < t.numel {
                     let e1 = (e0 + per).min(t.numel);
-                    items.push(Work::Window {
+                    items[fi].push(Work::Window {
                         file: fi,
                         tensor: ti,
                         e0,
@@ -410,21 +455,41 @@ pub fn stage_shards(
         Ok(())
     };
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
-    let result = pool.install(|| {
-        items.par_iter().try_for_each(|w| match run(w) {
-            Ok(()) => Ok(()),
-            Err(Error::Cancelled) => Err(Error::Cancelled),
-            Err(e) => {
-                // Keep the first real error; the other workers then stop with `Cancelled`.
-                progress.cancel();
-                let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                if slot.is_none() {
-                    *slot = Some(e);
+    let queues: Vec<FileQueue> = items.into_iter().map(FileQueue::new).collect();
+    let pick = Mutex::new(());
+    let worker = || {
+        while let Some(q) = choose_queue(&queues, &pick) {
+            while let Some(w) = q.next() {
+                match run(w) {
+                    Ok(()) => {}
+                    Err(Error::Cancelled) => break,
+                    Err(e) => {
+                        // Keep the first real error; the other workers stop with `Cancelled`.
+                        progress.cancel();
+                        let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                        if slot.is_none() {
+                            *slot = Some(e);
+                        }
+                        break;
+                    }
                 }
-                Err(Error::Cancelled)
             }
-        })
+            q.active.fetch_sub(1, Ordering::SeqCst);
+            if progress.cancel.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+    };
+    let nthreads = pool.current_num_threads();
+    pool.scope(|s| {
+        for _ in 0..nthreads {
+            s.spawn(|_| worker());
+        }
     });
+    let result = match first_err.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(e) => Err(e),
+        None => progress.check(),
+    };
     drop(bufs);
     let result = result.and_then(|_| {
         if opts.fsync {
@@ -437,9 +502,7 @@ pub fn stage_shards(
     });
     if let Err(e) = result {
         cleanup(&outs);
-        // A worker's own error wins over the `Cancelled` it caused in the others.
-        let first = first_err.lock().unwrap_or_else(|p| p.into_inner()).take();
-        return Err(first.unwrap_or(e));
+        return Err(e);
     }
     Ok(Staged {
         outs,
