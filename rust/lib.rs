@@ -8,6 +8,8 @@
 //! The Python extension module `fastckpt._core` (`py.rs`) is compiled only with the `python`
 //! feature, so `cargo test` and the benches never link Python.
 
+#![warn(missing_docs)]
+
 pub mod dtype;
 pub mod error;
 pub mod mmap;
