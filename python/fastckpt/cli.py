@@ -30,7 +30,12 @@ app = typer.Typer(
     add_completion=False,
 )
 
-SrcArg = Annotated[Path, typer.Argument(help="Checkpoint: a DCP directory or safetensors folder.")]
+SrcArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Checkpoint (DCP dir, veRL rank files, .pt state dict, safetensors) or a run dir."
+    ),
+]
 DstArg = Annotated[Path, typer.Argument(help="Output folder (created; must not exist).")]
 ThreadsOpt = Annotated[
     int | None, typer.Option("--threads", help="Copy threads (default: CPU count).")
@@ -166,7 +171,7 @@ def convert(
         typer.Option(help="Leave out a value head (score.*, v_head.*): export the policy."),
     ] = False,
     push_to_hub: Annotated[
-        str | None, typer.Option(help="Upload DST to this Hub repo (needs fastckpt[hub]).")
+        str | None, typer.Option(help="Upload DST to this Hub repo (pip install 'fastckpt[hub]').")
     ] = None,
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
