@@ -273,6 +273,27 @@ def machine_line(path: Path) -> dict[str, object]:
     }
 
 
+def pressure() -> dict[str, float]:
+    """PSI "some avg60" for cpu and io (share of time something waited), when the kernel has it."""
+    out: dict[str, float] = {}
+    for res in ("cpu", "io"):
+        try:
+            with open(f"/proc/pressure/{res}") as f:
+                first = f.readline().split()
+            out[res] = float(dict(x.split("=") for x in first[1:])["avg60"])
+        except (OSError, KeyError, ValueError):
+            pass
+    return out
+
+
+def wait_idle(max_s: float, below: float = 1.0) -> float:
+    """Wait up to ``max_s`` seconds for the 1-minute load average to drop below ``below``."""
+    t0 = time.perf_counter()
+    while max_s > 0 and os.getloadavg()[0] >= below and time.perf_counter() - t0 < max_s:
+        time.sleep(5)
+    return time.perf_counter() - t0
+
+
 def summarize(cmds: list[Command], nbytes: int) -> list[dict[str, object]]:
     rows = []
     for c in cmds:
@@ -386,7 +407,8 @@ def run_mode(
     selected = set(args.commands.split(",")) if args.commands else None
     cmds = build_commands(mode, ds, runs, fck, selected)
     inputs = [ds.dcp] + ([ds.hf_twin] if ds.hf_twin else [])
-    load_before = os.getloadavg()
+    waited = wait_idle(args.wait_idle)
+    load_before, psi_before = os.getloadavg(), pressure()
     t_mode = time.perf_counter()
     for rnd in range(args.warmup + args.rounds):
         timed = rnd >= args.warmup
@@ -420,6 +442,9 @@ def run_mode(
         "rows": rows,
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
+        "psi_avg60_before": psi_before,
+        "psi_avg60_after": pressure(),
+        "waited_idle_s": round(waited, 1),
         "seconds": round(time.perf_counter() - t_mode, 1),
     }
 
@@ -435,6 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commands", help="comma list to run (cp always runs): " + ",".join(LABELS))
     p.add_argument("--no-verify", action="store_true", help="skip the bit-for-bit check")
     p.add_argument("--no-twin", action="store_true", help="skip consolidate (no HF twin)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="S",
+        help="before each mode, wait up to S seconds for the 1-min load to fall below 1",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     modes = [m for m in ("warm", "durable", "cold") if getattr(args, m)] or ["warm"]
@@ -504,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         label = {"warm": "warm", "durable": "durable (fsync)", "cold": "cold (inputs dropped)"}
         print(
             f"\n### {label[str(r['mode'])]}: load {r['load_before']} → {r['load_after']}, "
+            f"PSI some avg60 {r['psi_avg60_before']} → {r['psi_avg60_after']}, "
             f"{r['seconds']} s\n"
         )
         rows = r["rows"]
