@@ -8,6 +8,7 @@ index -> rename into place.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -172,6 +173,7 @@ def convert(
     metric: str | None = None,
     higher_is_better: bool = True,
     drop_value_head: bool = False,
+    arch: str | None = None,
 ) -> ConvertReport:
     """Convert a checkpoint into a Hugging Face folder (safetensors shards + index + side files).
 
@@ -196,6 +198,9 @@ def convert(
         drop_value_head: leave out a critic's or reward model's value head (``score.*``,
             ``v_head.*``) to export the policy; kept by default, with a warning naming the
             config the output needs.
+        arch: Megatron checkpoints: the architecture whose names to write (``llama``,
+            ``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen2_moe``, ``qwen3_moe``); default:
+            from the config, else from the checkpoint's ``args``.
 
     Returns:
         A :class:`ConvertReport`.
@@ -207,7 +212,8 @@ def convert(
     src_p, dst_p = resolved.weights, Path(dst)
     target = _target_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
-    cat = open_catalogue(src_p)
+    given_config = find_side_files([Path(config_from)]).config if config_from is not None else None
+    cat = open_catalogue(src_p, arch=arch, hf_config=given_config)
     _check_paths(src_p, dst_p, overwrite)
     names = _select(cat, include, exclude)
     if not names:
@@ -222,7 +228,16 @@ def convert(
     else:
         side = find_side_files(cat.side_dirs)
     config = side.config
-    if copy_files and config is None:
+    derived = getattr(cat.reader, "derived_config", None)  # Megatron: a config from its args
+    write_derived = copy_files and config is None and isinstance(derived, dict)
+    if write_derived and isinstance(derived, dict):
+        config = derived
+        warnings.append(
+            "no config.json found: wrote one derived from the Megatron args (architecture "
+            f"{derived.get('architectures')}); check it, or pass --config-from DIR (the base "
+            "model's folder) to copy the real config and tokenizer"
+        )
+    elif copy_files and config is None:
         looked = [str(config_from)] if config_from else [str(d) for d in cat.side_dirs]
         warnings.append(
             "no config.json found (looked in: " + ", ".join(looked) + "); wrote the weights "
@@ -279,6 +294,17 @@ def convert(
         if copy_files:
             cast_to = target if target is not None else None
             written += copy_side_files(side, tmp, cast_to=cast_to, fsync=fsync)
+            if write_derived and config is not None and "config.json" not in written:
+                derived_cfg = dict(config)
+                if cast_to is not None:
+                    derived_cfg["torch_dtype"] = {"BF16": "bfloat16", "F16": "float16",
+                                                  "F32": "float32"}[cast_to]  # fmt: skip
+                write_file(
+                    tmp / "config.json",
+                    (json.dumps(derived_cfg, indent=2) + "\n").encode(),
+                    fsync=fsync,
+                )
+                written.append("config.json")
         if fsync:
             fsync_dir(tmp)
         _move_into_place(tmp, dst_p, overwrite=overwrite, fsync=fsync)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue
 from fastckpt.distcp import is_dcp_dir, read_dcp
 from fastckpt.hf_folder import is_hf_dir, read_hf
+from fastckpt.megatron import is_dist_dir, is_legacy_dir, read_megatron
 from fastckpt.torch_save import (
     is_rank_dir,
     is_torch_save_file,
@@ -20,7 +22,8 @@ from fastckpt.torch_save import (
 
 def detect(path: Path) -> str:
     """Name the format of ``path``: ``"dcp"``, ``"safetensors"``, ``"torch_ranks"`` (per-rank
-    ``torch.save`` files) or ``"torch_save"`` (one whole-file state dict); FormatError otherwise."""
+    ``torch.save`` files), ``"torch_save"`` (one whole-file state dict), ``"megatron"`` (legacy
+    ``mp_rank_*`` folders) or ``"megatron_dist"`` (torch_dist); FormatError otherwise."""
     if not path.exists():
         raise FileNotFoundError(2, "no such file or directory", str(path))
     if path.is_file():
@@ -31,6 +34,10 @@ def detect(path: Path) -> str:
         if is_torch_save_file(path):
             return "torch_save"
         raise FormatError(f"{path}: not a checkpoint fastckpt can read (unknown file type)")
+    if is_dist_dir(path):
+        return "megatron_dist"
+    if is_legacy_dir(path):
+        return "megatron"
     if is_dcp_dir(path):
         return "dcp"
     if is_hf_dir(path):
@@ -45,10 +52,23 @@ def detect(path: Path) -> str:
     )
 
 
-def open_catalogue(path: str | os.PathLike[str]) -> Catalogue:
-    """Detect the format of ``path`` and catalogue its tensors."""
+def open_catalogue(
+    path: str | os.PathLike[str],
+    *,
+    arch: str | None = None,
+    hf_config: dict[str, Any] | None = None,
+) -> Catalogue:
+    """Detect the format of ``path`` and catalogue its tensors.
+
+    ``arch`` and ``hf_config`` (the config.json the output will carry) are used by formats that
+    rename tensors (Megatron); the others ignore them.
+    """
     p = Path(path)
     fmt = detect(p)
+    if fmt in ("megatron", "megatron_dist"):
+        return read_megatron(p, arch=arch, hf_config=hf_config)
+    if arch is not None:
+        raise FormatError(f"{p}: --arch applies to Megatron checkpoints only (this is {fmt})")
     if fmt == "dcp":
         return read_dcp(p.parent if p.is_file() else p)
     if fmt == "torch_ranks":
