@@ -33,6 +33,9 @@ from fastckpt.hf_files import (
     tie_word_embeddings,
     write_file,
 )
+from fastckpt.lora import adapter_config_bytes, has_lora
+from fastckpt.lora import plan as plan_lora
+from fastckpt.optimizer import read_optimizer
 from fastckpt.runs import resolve_source
 
 PathLike = str | os.PathLike[str]
@@ -174,6 +177,10 @@ def convert(
     higher_is_better: bool = True,
     drop_value_head: bool = False,
     arch: str | None = None,
+    lora: str | None = None,
+    lora_alpha: float | None = None,
+    lora_rslora: bool | None = None,
+    with_optimizer: bool = False,
 ) -> ConvertReport:
     """Convert a checkpoint into a Hugging Face folder (safetensors shards + index + side files).
 
@@ -201,6 +208,16 @@ def convert(
         arch: Megatron checkpoints: the architecture whose names to write (``llama``,
             ``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen2_moe``, ``qwen3_moe``); default:
             from the config, else from the checkpoint's ``args``.
+        lora: what to do with PEFT LoRA tensors (required when there are any): ``"merge"``
+            (``W + alpha/r * B @ A`` in fp32, cast back to W's dtype), ``"adapter"``
+            (``adapter_model.safetensors`` + ``adapter_config.json``) or ``"strip"`` (base
+            weights only).
+        lora_alpha: LoRA alpha when no ``lora_train_meta.json`` / ``adapter_config.json``
+            beside the checkpoint says it (never guessed).
+        lora_rslora: the adapters were trained with rsLoRA (scale ``alpha/sqrt(r)``); default:
+            from ``adapter_config.json``, else False.
+        with_optimizer: also write the consolidated optimizer state (``optimizer.safetensors``
+            with ``state.<fqn>.<name>`` + ``optimizer.json`` with param_groups and step).
 
     Returns:
         A :class:`ConvertReport`.
@@ -219,6 +236,12 @@ def convert(
     if not names:
         raise MappingError(f"{src_p}: no model tensors selected (see `fastckpt inspect`)")
     warnings: list[str] = list(resolved.warnings)
+    if lora is None and has_lora(names):
+        shown = next(n for n in names if ".lora_" in n or ".base_layer." in n)
+        raise MappingError(
+            f"{src_p}: the checkpoint holds LoRA tensors (e.g. {shown!r}); choose what to "
+            "write with --lora merge|adapter|strip (lora=...)"
+        )
 
     if config_from is not None:
         cfg_dir = Path(config_from)
@@ -250,8 +273,32 @@ def convert(
     if not names:
         raise MappingError(f"{src_p}: no model tensors left after dropping the value head")
     entries = cat.locate(names)
+    tmp = dst_p.parent / f".{dst_p.name}.fastckpt-tmp-{uuid.uuid4().hex[:8]}"
+    lplan = None
+    if lora is not None:
+        src_dir = src_p if src_p.is_dir() else src_p.parent
+        dirs = [cat.path if cat.path.is_dir() else cat.path.parent, src_dir, src_dir.parent]
+        dirs += [Path(config_from)] if config_from is not None else []
+        lplan = plan_lora(
+            entries,
+            lora,
+            dirs=list(dict.fromkeys([*dirs, *cat.side_dirs])),
+            spill_dir=tmp / ".lora-merge",
+            alpha=lora_alpha,
+            rslora=lora_rslora,
+            config=config,
+        )
+        entries = lplan.entries
+        warnings += lplan.warnings
+    optim = read_optimizer(cat) if with_optimizer else None
     by_name = {e.name: e for e in entries}
-    if LM_HEAD in by_name and EMBED in by_name and tie_word_embeddings(config):
+    merged = set(lplan.out_dtype) if lplan else set()
+    if (
+        LM_HEAD in by_name
+        and EMBED in by_name
+        and not merged & {LM_HEAD, EMBED}
+        and tie_word_embeddings(config)
+    ):
         if _same_tensor(by_name[LM_HEAD], by_name[EMBED]):
             entries = [e for e in entries if e.name != LM_HEAD]
         else:
@@ -262,24 +309,43 @@ def convert(
 
     jobs: list[tuple[TensorEntry, str]] = []
     for e in entries:
-        out = target if target is not None and e.meta.dtype in _FLOATS else e.meta.dtype
+        stored = lplan.out_dtype.get(e.name, e.meta.dtype) if lplan else e.meta.dtype
+        out = target if target is not None and stored in _FLOATS else stored
         jobs.append((e, out))
     sizes = [e.meta.numel * _core.dtype_size(out) for e, out in jobs]
-    plan = _core.plan_shards(sizes, shard_limit)
-    files = shard_names(len(plan)) if plan else []
+    adapter = lplan is not None and lplan.adapter_config is not None
+    plan = [list(range(len(jobs)))] if adapter else _core.plan_shards(sizes, shard_limit)
+    files = ["adapter_model.safetensors"] if adapter else shard_names(len(plan)) if plan else []
 
     dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_p.parent / f".{dst_p.name}.fastckpt-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        for merge in lplan.merges if lplan else []:
+            merge.compute()  # W + s * B @ A in fp32, spilled under tmp/.lora-merge
         shards = [
             (fname, [(jobs[i][0].source(), jobs[i][1]) for i in idx])
             for fname, idx in zip(files, plan, strict=True)
         ]
+        if optim is not None and optim.entries:
+            shards.append(
+                ("optimizer.safetensors", [(e.source(), e.meta.dtype) for e in optim.entries])
+            )
         nbytes = _core.write_shards(
             str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
         )
+        shutil.rmtree(tmp / ".lora-merge", ignore_errors=True)
         written = list(files)
+        if optim is not None:
+            written += ["optimizer.safetensors"] if optim.entries else []
+            write_file(tmp / "optimizer.json", optim.json_bytes(), fsync=fsync)
+            written.append("optimizer.json")
+        if lplan is not None and lplan.adapter_config is not None:
+            data = adapter_config_bytes(lplan.adapter_config)
+            write_file(tmp / "adapter_config.json", data, fsync=fsync)
+            written.append("adapter_config.json")
+            side.files.pop("config.json", None)  # an adapter folder: tokenizer files only
+            side.files.pop("generation_config.json", None)
+            write_derived = False
         if len(files) > 1:
             weight_map = {
                 jobs[i][0].name: fname for fname, idx in zip(files, plan, strict=True) for i in idx
@@ -297,8 +363,8 @@ def convert(
             if write_derived and config is not None and "config.json" not in written:
                 derived_cfg = dict(config)
                 if cast_to is not None:
-                    derived_cfg["torch_dtype"] = {"BF16": "bfloat16", "F16": "float16",
-                                                  "F32": "float32"}[cast_to]  # fmt: skip
+                    name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[cast_to]
+                    derived_cfg["torch_dtype"] = derived_cfg["dtype"] = name
                 write_file(
                     tmp / "config.json",
                     (json.dumps(derived_cfg, indent=2) + "\n").encode(),

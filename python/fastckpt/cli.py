@@ -170,6 +170,13 @@ def convert(
         bool,
         typer.Option(help="Leave out a value head (score.*, v_head.*): export the policy."),
     ] = False,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="Megatron: architecture whose HF names to write (llama, mistral, qwen2, qwen3, "
+            "mixtral, qwen2_moe, qwen3_moe); default: from the config, else from args."
+        ),
+    ] = None,
     push_to_hub: Annotated[
         str | None, typer.Option(help="Upload DST to this Hub repo (pip install 'fastckpt[hub]').")
     ] = None,
@@ -198,6 +205,7 @@ def convert(
             metric=metric,
             higher_is_better=not lower_is_better,
             drop_value_head=drop_value_head,
+            arch=arch,
         )
     for w in report.warnings:
         _warn(w)

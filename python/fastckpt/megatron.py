@@ -849,6 +849,7 @@ def derive_config(args: Args, arch_key: str, d: _Dims, dtype: str) -> dict[str, 
         "tie_word_embeddings": d.tied,
         "attention_bias": False,
         "torch_dtype": names.get(dtype, "float32"),
+        "dtype": names.get(dtype, "float32"),
     }
     if arch_key == "qwen2":
         del cfg["attention_bias"]

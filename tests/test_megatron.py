@@ -1,0 +1,246 @@
+"""Megatron legacy (``mp_rank_*``) and ``torch_dist`` checkpoints written by megatron-core itself.
+
+``tests/data/make_megatron_fixtures.py`` runs under ``torch.distributed.run`` (4 gloo ranks, CPU)
+in a venv under /tmp that adds megatron-core 0.16.1 (einops, psutil) on top of this Python's
+torch and transformers; it saves tiny Llama / Qwen2 / Qwen3 models at TP=2, TP=2 x PP=2 and PP=2
+with virtual pipeline, fp32 and bf16, tied and untied, in both formats, after checking Megatron's
+own TP forward against the HF logits. Set ``FASTCKPT_MEGATRON_FIXTURES=/dir`` to keep them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fastckpt
+import pytest
+from fastckpt import FormatError, MappingError, ShapeError
+from fastckpt.cli import app
+from typer.testing import CliRunner
+
+HERE = Path(__file__).parent
+GENERATOR = HERE / "data" / "make_megatron_fixtures.py"
+VENV = Path(os.environ.get("FASTCKPT_MCORE_VENV", "/tmp/fastckpt-mcore-venv"))
+MCORE = "megatron-core==0.16.1"
+
+CASES = [
+    "llama_fp32_tp2",
+    "llama_fp32_tp2pp2",
+    "llama_fp32_pp2vp2",
+    "llama_tied_fp32_tp2",
+    "llama_tied_fp32_tp2pp2",
+    "qwen2_bf16_tp2",
+    "qwen2_bf16_tp2pp2",
+    "qwen3_fp32_tp2",
+    "qwen3_tied_bf16_pp2vp2",
+]
+FORMATS = ["legacy", "dist"]
+
+
+def _venv_python() -> Path:
+    py = VENV / "bin" / "python"
+    probe = [str(py), "-c", "import megatron.core, einops, psutil"]
+    if py.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+        return py
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(VENV)], check=True
+    )
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    proc = subprocess.run(
+        [*pip, MCORE, "einops", "psutil"], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"cannot install {MCORE} into {VENV}:\n{proc.stderr[-4000:]}")
+    return py
+
+
+def _generate(out: Path) -> None:
+    py = _venv_python()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONPATH", None)
+    cmd = [str(py), "-m", "torch.distributed.run", "--nproc_per_node", "4",
+           "--master_port", "0", str(GENERATOR), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0 or not (out / "done.json").exists():
+        raise RuntimeError(
+            f"megatron fixture generator failed (rc={proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+
+
+@pytest.fixture(scope="session")
+def mroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keep = os.environ.get("FASTCKPT_MEGATRON_FIXTURES")
+    if keep:
+        root = Path(keep)
+        if not (root / "done.json").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            _generate(root)
+        return root
+    root = tmp_path_factory.mktemp("megatron")
+    _generate(root)
+    return root
+
+
+def _convert(src: Path, dst: Path, **kwargs: object) -> fastckpt.ConvertReport:
+    return fastckpt.convert(src, dst, fsync=False, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", CASES)
+def test_bit_exact_with_config(mroot: Path, tmp_path: Path, case: str, fmt: str) -> None:
+    """The save root (tracker + iter_0000010/) converts to HF's own file, byte for byte."""
+    hf = mroot / case / "hf"
+    out = tmp_path / "out"
+    report = _convert(mroot / case / fmt, out, config_from=hf)
+    assert not report.warnings
+    got = (out / "model.safetensors").read_bytes()
+    assert got == (hf / "model.safetensors").read_bytes()
+    assert (out / "config.json").read_bytes() == (hf / "config.json").read_bytes()
+    assert fastckpt.verify(out, hf).ok
+
+
+def _logits(folder: Path) -> object:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.arange(0, 24).reshape(2, 12) * 11 % 250
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize(
+    ("case", "fmt"),
+    [
+        ("llama_fp32_tp2", "legacy"),
+        ("llama_tied_fp32_tp2pp2", "dist"),
+        ("qwen2_bf16_tp2pp2", "legacy"),
+        ("qwen3_fp32_tp2", "dist"),
+        ("qwen3_tied_bf16_pp2vp2", "legacy"),
+    ],
+)
+def test_derived_config_same_logits(mroot: Path, tmp_path: Path, case: str, fmt: str) -> None:
+    """Without --config-from: config.json derived from args; transformers gives equal logits."""
+    import torch
+
+    iter_dir = mroot / case / fmt / "iter_0000010"
+    out = tmp_path / "out"
+    report = _convert(iter_dir, out)
+    assert any("derived from the Megatron args" in w for w in report.warnings)
+    hf = mroot / case / "hf"
+    assert (out / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+    want = json.loads((hf / "config.json").read_text())
+    got = json.loads((out / "config.json").read_text())
+    assert got["architectures"] == want["architectures"]
+    assert got["tie_word_embeddings"] == want["tie_word_embeddings"]
+    assert torch.equal(_logits(out), _logits(hf))  # type: ignore[arg-type]
+
+
+def test_inspect_and_cli_arch(mroot: Path, tmp_path: Path) -> None:
+    src = mroot / "qwen3_fp32_tp2" / "legacy" / "iter_0000010"
+    info = fastckpt.inspect(src)
+    assert info.format == "megatron"
+    names = {t.name for t in info.tensors}
+    assert "model.layers.3.self_attn.q_norm.weight" in names
+    assert "model.embed_tokens.weight" in names
+    emb = next(t for t in info.tensors if t.name == "model.embed_tokens.weight")
+    assert emb.shape == (250, 64)  # 256 padded rows trimmed to the vocab
+    assert fastckpt.inspect(mroot / "qwen3_fp32_tp2" / "dist" / "iter_0000010").format == (
+        "megatron_dist"
+    )
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["convert", str(src), str(out), "--arch", "qwen3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    hf = mroot / "qwen3_fp32_tp2" / "hf"
+    assert (out / "model.safetensors").read_bytes() == (hf / "model.safetensors").read_bytes()
+    # --arch picks the names and the derived config's class
+    mistral = _convert(src.parent, tmp_path / "mistral", arch="mistral")
+    assert mistral.n_tensors == len(names)
+    cfg = json.loads((tmp_path / "mistral" / "config.json").read_text())
+    assert cfg["architectures"] == ["MistralForCausalLM"]
+    with pytest.raises(MappingError, match="unknown arch 'gpt5'"):
+        _convert(src, tmp_path / "bad", arch="gpt5")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_converts_without_torch(mroot: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'megatron', 'transformer_engine'): sys.modules[m] = None\n"
+        "import fastckpt\n"
+        f"fastckpt.convert({str(mroot / 'llama_tied_fp32_tp2pp2' / 'legacy')!r}, "
+        f"{str(tmp_path / 'o')!r}, fsync=False)\n"
+        f"fastckpt.convert({str(mroot / 'llama_tied_fp32_tp2pp2' / 'dist')!r}, "
+        f"{str(tmp_path / 'p')!r}, fsync=False)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    hf = (mroot / "llama_tied_fp32_tp2pp2" / "hf" / "model.safetensors").read_bytes()
+    assert (tmp_path / "o" / "model.safetensors").read_bytes() == hf
+    assert (tmp_path / "p" / "model.safetensors").read_bytes() == hf
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _copy(mroot: Path, tmp_path: Path, case: str, fmt: str = "legacy") -> Path:
+    dst = tmp_path / "src"
+    shutil.copytree(mroot / case / fmt / "iter_0000010", dst)
+    return dst
+
+
+def _fails(src: Path, tmp_path: Path, exc: type[Exception], match: str) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(exc, match=match):
+        _convert(src, out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "fastckpt-tmp" in p.name]
+
+
+def test_missing_rank_directory(mroot: Path, tmp_path: Path) -> None:
+    src = _copy(mroot, tmp_path, "llama_fp32_tp2pp2")
+    shutil.rmtree(src / "mp_rank_01_001")
+    _fails(src, tmp_path, FormatError, r"mp_rank_01_001: missing rank directory")
+
+
+def test_missing_dist_file(mroot: Path, tmp_path: Path) -> None:
+    src = _copy(mroot, tmp_path, "llama_fp32_tp2pp2", "dist")
+    victim = sorted(src.glob("__3_*.distcp"))[0]
+    victim.unlink()
+    _fails(src, tmp_path, FormatError, rf"{victim.name}: missing data file")
+
+
+def test_inconsistent_shapes(mroot: Path, tmp_path: Path) -> None:
+    src = _copy(mroot, tmp_path, "llama_fp32_tp2")
+    other = mroot / "qwen3_fp32_tp2" / "legacy" / "iter_0000010" / "mp_rank_01"
+    shutil.copy(other / "model_optim_rng.pt", src / "mp_rank_01" / "model_optim_rng.pt")
+    _fails(
+        src,
+        tmp_path,
+        ShapeError,
+        r"mp_rank_01/model_optim_rng.pt: tensor .*linear_proj.weight.*ranks disagree",
+    )
+
+
+def test_args_disagree_with_files(mroot: Path, tmp_path: Path) -> None:
+    src = _copy(mroot, tmp_path, "llama_fp32_tp2")
+    shutil.copytree(src / "mp_rank_01", src / "mp_rank_02")
+    _fails(src, tmp_path, FormatError, r"mp_rank_02: outside TP=2.*args disagree")
+    shutil.rmtree(src / "mp_rank_02")
+    shutil.copytree(src / "mp_rank_01", src / "mp_rank_01_001")
+    _fails(src, tmp_path, FormatError, r"mp_rank_01_001: a pipeline or expert rank suffix")
+
+
+def test_unknown_tensor_name(mroot: Path, tmp_path: Path) -> None:
+    src = _copy(mroot, tmp_path, "llama_fp32_tp2")
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        path = src / rank / "model_optim_rng.pt"
+        data = path.read_bytes()
+        old, new = b"decoder.final_layernorm.weight", b"decoder.final_rmsnormxx.weight"
+        assert data.count(old) == 1
+        path.write_bytes(data.replace(old, new))  # same length: the zip stays valid
+    _fails(src, tmp_path, MappingError, r"no Hugging Face name .*decoder\.final_rmsnormxx\.weight")
