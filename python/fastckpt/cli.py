@@ -177,6 +177,32 @@ def convert(
             "mixtral, qwen2_moe, qwen3_moe); default: from the config, else from args."
         ),
     ] = None,
+    lora: Annotated[
+        str | None,
+        typer.Option(
+            help="PEFT LoRA tensors: merge (W + alpha/r*B@A), adapter (adapter_model.safetensors "
+            "+ adapter_config.json) or strip (base weights only). Required when there are any."
+        ),
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option(help="LoRA alpha, when no lora_train_meta.json/adapter_config.json has it."),
+    ] = None,
+    lora_rslora: Annotated[
+        bool | None,
+        typer.Option(
+            "--lora-rslora/--no-lora-rslora",
+            help="Adapters trained with rsLoRA (scale alpha/sqrt(r)); default: from "
+            "adapter_config.json, else off.",
+            show_default=False,
+        ),
+    ] = None,
+    with_optimizer: Annotated[
+        bool,
+        typer.Option(
+            help="Also write optimizer.safetensors (state.<fqn>.<name>) + optimizer.json."
+        ),
+    ] = False,
     push_to_hub: Annotated[
         str | None, typer.Option(help="Upload DST to this Hub repo (pip install 'fastckpt[hub]').")
     ] = None,
@@ -206,6 +232,10 @@ def convert(
             higher_is_better=not lower_is_better,
             drop_value_head=drop_value_head,
             arch=arch,
+            lora=lora,
+            lora_alpha=lora_alpha,
+            lora_rslora=lora_rslora,
+            with_optimizer=with_optimizer,
         )
     for w in report.warnings:
         _warn(w)
