@@ -18,12 +18,14 @@ from fastckpt.torch_save import (
     read_torch_save,
     single_torch_save_file,
 )
+from fastckpt.zero import MODEL_FILE, is_zero_dir, is_zero_name, read_zero_dir
 
 
 def detect(path: Path) -> str:
     """Name the format of ``path``: ``"dcp"``, ``"safetensors"``, ``"torch_ranks"`` (per-rank
     ``torch.save`` files), ``"torch_save"`` (one whole-file state dict), ``"megatron"`` (legacy
-    ``mp_rank_*`` folders) or ``"megatron_dist"`` (torch_dist); FormatError otherwise."""
+    ``mp_rank_*`` folders), ``"megatron_dist"`` (torch_dist) or ``"deepspeed"`` (a ZeRO tag folder);
+    FormatError otherwise."""
     if not path.exists():
         raise FileNotFoundError(2, "no such file or directory", str(path))
     if path.is_file():
@@ -31,6 +33,8 @@ def detect(path: Path) -> str:
             return "safetensors"
         if path.name == ".metadata":
             return "dcp"
+        if is_zero_name(path.name) or (MODEL_FILE.match(path.name) and is_zero_dir(path.parent)):
+            return "deepspeed"  # one file of a ZeRO tag folder: read the whole folder
         if is_torch_save_file(path):
             return "torch_save"
         raise FormatError(f"{path}: not a checkpoint fastckpt can read (unknown file type)")
@@ -42,6 +46,8 @@ def detect(path: Path) -> str:
         return "dcp"
     if is_hf_dir(path):
         return "safetensors"
+    if is_zero_dir(path):
+        return "deepspeed"
     if is_rank_dir(path):
         return "torch_ranks"
     if single_torch_save_file(path) is not None:
@@ -71,6 +77,8 @@ def open_catalogue(
         raise FormatError(f"{p}: --arch applies to Megatron checkpoints only (this is {fmt})")
     if fmt == "dcp":
         return read_dcp(p.parent if p.is_file() else p)
+    if fmt == "deepspeed":
+        return read_zero_dir(p.parent if p.is_file() else p)
     if fmt == "torch_ranks":
         return read_rank_dir(p)
     if fmt == "torch_save":

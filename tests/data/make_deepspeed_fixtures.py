@@ -17,9 +17,9 @@ The model covers what the reader must handle:
 - persistent buffers, one float and one int64.
 
 Beside each run: ``ref/zero_to_fp32.safetensors`` (DeepSpeed's own
-``get_fp32_state_dict_from_zero_checkpoint`` on the run, each tensor cloned), ``ref/module.safetensors``
-(``engine.module.state_dict()`` on rank 0 after the last step; 16-bit params under bf16) and
-``meta.json``. ``OUT/done.json`` is written last.
+``get_fp32_state_dict_from_zero_checkpoint`` on the run, each tensor cloned),
+``ref/module.safetensors`` (ZeRO 1/2: ``engine.module.state_dict()`` on rank 0 after the last
+step; 16-bit params under bf16) and ``meta.json``. ``OUT/done.json`` is written last.
 
 DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op at ``init_distributed``
 (``deepspeed.comm.torch.build_shm_op``: ~35 s with a C++ compiler, and its vector kernels need
