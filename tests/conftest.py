@@ -250,3 +250,33 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT LoRA + optimizer fixtures (tests/data/make_lora_fixtures.py), shared by test_lora.py and
+# test_optimizer.py; FASTCKPT_LORA_FIXTURES=/some/dir keeps them between sessions
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keep = os.environ.get("FASTCKPT_LORA_FIXTURES")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("lora")
+    if (root / "done.json").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", str(HERE / "data" / "make_lora_fixtures.py"), str(root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0 or not (root / "done.json").exists():
+        raise RuntimeError(
+            f"LoRA fixture generator failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}"
+        )
+    return root
