@@ -7,8 +7,9 @@ non-zero and the optimizer has ``exp_avg``/``exp_avg_sq``/``step``) and saves it
 
 - ``dcp/``: ``dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(...)})``
   (FQN-keyed ``optim.state.<fqn>.exp_avg``);
-- ``verl/``: veRL's layout, ``torch.save(model.state_dict())`` and ``torch.save(optim.state_dict())``
-  per rank (``model_world_size_2_rank_R.pt``, ``optim_world_size_2_rank_R.pt``), with
+- ``verl/``: veRL's layout, ``torch.save(model.state_dict())`` and
+  ``torch.save(optim.state_dict())`` per rank (``model_world_size_2_rank_R.pt``,
+  ``optim_world_size_2_rank_R.pt``), with
   ``fsdp_config.json``, ``lora_train_meta.json`` (fp32 case only) and ``huggingface/``;
 - ``full/pytorch_model.bin``: the unsharded PEFT state dict (rank 0).
 
@@ -165,8 +166,16 @@ def write_case(root: Path, name: str, dtype: str, rslora: bool, meta: bool) -> N
             str(case / "ref" / "merged.safetensors"),
         )
         (case / "meta.json").write_text(
-            json.dumps({"dtype": dtype, "rslora": rslora, "r": 4, "alpha": 8,
-                        "targets": TARGETS, "input_ids": INPUT_IDS})  # fmt: skip
+            json.dumps(
+                {
+                    "dtype": dtype,
+                    "rslora": rslora,
+                    "r": 4,
+                    "alpha": 8,
+                    "targets": TARGETS,
+                    "input_ids": INPUT_IDS,
+                }
+            )
         )
     dist.barrier()
 
