@@ -63,7 +63,7 @@ def _generate(out: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     env.pop("PYTHONPATH", None)
     cmd = [str(py), "-m", "torch.distributed.run", "--nproc_per_node", "4",
-           "--master_port", "0", str(GENERATOR), str(out)]  # fmt: skip
+           "--standalone", str(GENERATOR), str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0 or not (out / "done.json").exists():
         raise RuntimeError(
