@@ -20,6 +20,9 @@ import fastckpt
 import pytest
 import torch
 from fastckpt import FormatError
+from fastckpt.zero import range_boxes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 GENERATOR = Path(__file__).parent / "data" / "make_deepspeed_fixtures.py"
@@ -33,16 +36,23 @@ def ds_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = Path(keep) if keep else tmp_path_factory.mktemp("deepspeed")
     if (root / "done.json").exists():
         return root
-    root.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1", DS_ACCELERATOR="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", str(GENERATOR), str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    root.mkdir(parents=True, exist_ok=True)
+    for _attempt in range(3):
+        for case in CASES:  # what a failed attempt may have left
+            shutil.rmtree(root / case, ignore_errors=True)
+        proc = subprocess.run(
+            [sys.executable, "-W", "ignore", str(GENERATOR), str(root)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+        # about one run in 25, a gloo worker aborts ("terminate called without an active
+        # exception", SIGABRT) somewhere in DeepSpeed's CPU path; a fresh run is unaffected
+        if proc.returncode == 0 or "terminated with signal" not in proc.stderr:
+            break
     if proc.returncode != 0 or not (root / "done.json").exists():
         raise RuntimeError(
             f"DeepSpeed fixture generator failed (rc={proc.returncode}):\n"
@@ -105,6 +115,39 @@ def _no_leftovers(dst: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # what works
+
+
+@st.composite
+def _ranges(draw: st.DrawFn) -> tuple[tuple[int, ...], int, int]:
+    shape = tuple(draw(st.lists(st.integers(0, 5), min_size=0, max_size=4)))
+    n = 1
+    for s in shape:
+        n *= s
+    start = draw(st.integers(0, n))
+    return shape, start, draw(st.integers(start, n))
+
+
+@given(case=_ranges())
+@settings(max_examples=300, deadline=None)
+def test_range_boxes_cover_exactly(case: tuple[tuple[int, ...], int, int]) -> None:
+    """A flat range [start, stop) of a C-order tensor is exactly the union of its boxes, in
+    order, with at most 2 * ndim - 1 boxes (a partition slice straddling rows)."""
+    shape, start, stop = case
+    boxes = range_boxes(shape, start, stop)
+    assert len(boxes) <= max(1, 2 * len(shape) - 1)
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    flat: list[int] = []
+    for offsets, sizes in boxes:
+        assert len(offsets) == len(sizes) == len(shape)
+        assert all(s > 0 for s in sizes)
+        assert all(o + s <= d for o, s, d in zip(offsets, sizes, shape, strict=True))
+        idx = torch.arange(1).reshape(())
+        for o, s, st_ in zip(offsets, sizes, strides, strict=True):
+            idx = idx.unsqueeze(-1) + (torch.arange(o, o + s) * st_)
+        flat += idx.reshape(-1).tolist()
+    assert flat == list(range(start, stop))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -437,7 +437,7 @@ def _zero12(
             for run, off, count in flat.slice(offset, n):
                 b.add(pos, run, off, count)
                 pos += count
-            offset += n + (int(pads[i]) if pads is not None else 0)
+            offset += n + (_int(pads[i], f0, "a parameter alignment padding") if pads else 0)
         # DeepSpeed's own check: both counts rounded up to 2 * world size
         consumed, avail = -(-offset // align) * align, -(-flat.total // align) * align
         if consumed != avail:

@@ -155,13 +155,22 @@ def _worker(rank: int, port: int, root: str) -> None:
         LOCAL_SIZE=str(WS),
     )
     torch.set_num_threads(1)
-    import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
+    import importlib
 
-    ds_torch_comm.build_shm_op = lambda: None  # gloo collectives; no JIT C++ build
+    import deepspeed
+
+    # ``deepspeed.comm.torch`` as an attribute is the torch module (star import): go by name
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None  # gloo collectives; no JIT C++ build
     deepspeed.init_distributed(dist_backend="gloo")
-    for name, (stage, bf16, tied, steps) in CASES.items():
-        _train_and_save(Path(root), name, stage, bf16, tied, steps)
+    try:
+        for name, (stage, bf16, tied, steps) in CASES.items():
+            _train_and_save(Path(root), name, stage, bf16, tied, steps)
+    finally:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
