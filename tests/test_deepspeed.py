@@ -179,6 +179,26 @@ def test_zero_tag_folder_and_lazy_reads(ds_root: Path, case: str) -> None:
         _assert_same(got[LM_HEAD], ref[EMBED], LM_HEAD)
 
 
+@pytest.mark.parametrize("case", ["z2_fp32", "z3_fp32"])
+def test_zero_logits_in_transformers(ds_root: Path, case: str, tmp_path: Path) -> None:
+    """transformers loads the converted folder and gives the logits of DeepSpeed's own fp32
+    state dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    case_dir = ds_root / case
+    out = tmp_path / "hf"
+    fastckpt.convert(case_dir, out, exclude=[r"^model\.fixture_"])  # the test-only buffers
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    ref = {k: v for k, v in _reference(case_dir).items() if not k.startswith("model.fixture_")}
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    reference.load_state_dict(ref, strict=True)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 2, 60, 66]])
+    with torch.no_grad():
+        assert torch.equal(
+            model.eval()(input_ids=ids).logits, reference.eval()(input_ids=ids).logits
+        )
+
+
 def test_zero_order_follows_state_dict(ds_root: Path) -> None:
     """Tensors come in ``module`` (state_dict) order, not param-group order."""
     case_dir = ds_root / "z3_fp32"
