@@ -404,10 +404,14 @@ def _param_shapes(model: _File) -> list[list[tuple[str, tuple[int, ...]]]]:
     return out
 
 
+Shapes = list[list[tuple[str, tuple[int, ...]]]]
+
+
 def _zero12(
-    layout: _Layout, shapes: list[list[tuple[str, tuple[int, ...]]]], builders: dict[str, _Builder]
+    layout: _Layout, shapes: Shapes, ranks: list[list[_Run]], builders: dict[str, _Builder]
 ) -> None:
-    ranks = _flat_groups(layout)
+    """Place ZeRO 1/2 parameters; ``ranks[r][g]`` is rank ``r``'s flat partition of group ``g``
+    (the fp32 weights, or any optimizer state with the same layout: ``exp_avg``, ...)."""
     f0 = layout.optim[0]
     if len(ranks[0]) != len(shapes):
         raise FormatError(
@@ -466,9 +470,11 @@ def _zero3_param(b: _Builder, world: int, flats: list[_Flat], offset: int, where
 
 
 def _zero3(
-    layout: _Layout, shapes: list[list[tuple[str, tuple[int, ...]]]], builders: dict[str, _Builder]
+    layout: _Layout, shapes: Shapes, ranks: list[list[_Run]], builders: dict[str, _Builder]
 ) -> None:
-    flats = [_Flat(runs) for runs in _flat_groups(layout)]
+    """Place ZeRO-3 parameters; ``ranks[r]`` is rank ``r``'s flat groups (fp32 weights or an
+    optimizer state with the same layout)."""
+    flats = [_Flat(runs) for runs in ranks]
     f0 = layout.optim[0]
     totals = {f.total for f in flats}
     if len(totals) != 1:
@@ -546,9 +552,9 @@ def read_zero_dir(directory: Path) -> Catalogue:
     shapes = _param_shapes(m0)
     builders: dict[str, _Builder] = {}
     if layout.stage <= 2:
-        _zero12(layout, shapes, builders)
+        _zero12(layout, shapes, _flat_groups(layout), builders)
     else:
-        _zero3(layout, shapes, builders)
+        _zero3(layout, shapes, _flat_groups(layout), builders)
     _frozen(layout, builders)
     notes = [f"DeepSpeed ZeRO-{layout.stage}, {layout.world} data-parallel ranks"]
     module = m0.obj.get("module")
