@@ -28,6 +28,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # plain click help: rendering it with rich would double the start-up time of `--help`
+    rich_markup_mode=None,
 )
 
 SrcArg = Annotated[
