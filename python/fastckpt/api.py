@@ -25,6 +25,7 @@ from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
 from fastckpt.heads import split_value_head
 from fastckpt.hf_files import (
+    TORCH_DTYPE_NAMES,
     copy_side_files,
     find_side_files,
     fsync_dir,
@@ -358,12 +359,11 @@ def convert(
             )
             written.append("model.safetensors.index.json")
         if copy_files:
-            cast_to = target if target is not None else None
-            written += copy_side_files(side, tmp, cast_to=cast_to, fsync=fsync)
+            written += copy_side_files(side, tmp, cast_to=target, fsync=fsync)
             if write_derived and config is not None and "config.json" not in written:
                 derived_cfg = dict(config)
-                if cast_to is not None:
-                    name = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[cast_to]
+                if target is not None:
+                    name = TORCH_DTYPE_NAMES[target]
                     derived_cfg["torch_dtype"] = derived_cfg["dtype"] = name
                 write_file(
                     tmp / "config.json",

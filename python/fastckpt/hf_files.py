@@ -40,7 +40,8 @@ SIDE_FILE_PATTERNS: tuple[str, ...] = (
 CODE_PATTERN = "*.py"
 TEMPLATE_DIR = "additional_chat_templates"
 
-_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+#: safetensors float dtype -> the name config.json uses
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 _DTYPE_ENTRY = re.compile(rb'("(?:torch_)?dtype"\s*:\s*)"[A-Za-z0-9_.]*"')
 
 
@@ -100,7 +101,7 @@ def tie_word_embeddings(config: dict[str, Any] | None) -> bool:
 
 def update_config_dtype(raw: bytes, dtype: str) -> bytes:
     """Replace every ``"dtype"``/``"torch_dtype"`` string value in config.json bytes."""
-    name = _DTYPE_NAMES[dtype].encode()
+    name = TORCH_DTYPE_NAMES[dtype].encode()
     return _DTYPE_ENTRY.sub(lambda m: m.group(1) + b'"' + name + b'"', raw)
 
 
