@@ -3,8 +3,10 @@
 ``tests/data/make_megatron_fixtures.py`` runs under ``torch.distributed.run`` (4 gloo ranks, CPU)
 in a venv under /tmp that adds megatron-core 0.16.1 (einops, psutil) on top of this Python's
 torch and transformers; it saves tiny Llama / Qwen2 / Qwen3 models at TP=2, TP=2 x PP=2 and PP=2
-with virtual pipeline, fp32 and bf16, tied and untied, in both formats, after checking Megatron's
-own TP forward against the HF logits. Set ``FASTCKPT_MEGATRON_FIXTURES=/dir`` to keep them.
+with virtual pipeline, fp32 and bf16, tied and untied, and tiny Mixtral / Qwen2-MoE (gated shared
+expert) / Qwen3-MoE models at EP=2, TP=2 x EP=2, TP=2 x ETP=1 x EP=2 and PP=2 x EP=2, in both
+formats, after checking Megatron's own TP/EP forward against the HF logits. Set
+``FASTCKPT_MEGATRON_FIXTURES=/dir`` to keep them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ CASES = [
     "qwen2_bf16_tp2pp2",
     "qwen3_fp32_tp2",
     "qwen3_tied_bf16_pp2vp2",
+    "mixtral_fp32_ep2",
+    "mixtral_bf16_tp2etp1ep2",
+    "qwen2_moe_fp32_tp2etp1ep2",
+    "qwen2_moe_bf16_ep2",
+    "qwen3_moe_fp32_tp2ep2",
+    "qwen3_moe_fp32_tp2etp1ep2",
+    "qwen3_moe_bf16_ep2",
+    "qwen3_moe_fp32_pp2ep2",
 ]
 FORMATS = ["legacy", "dist"]
 
@@ -122,6 +132,12 @@ def _logits(folder: Path) -> object:
         ("qwen2_bf16_tp2pp2", "legacy"),
         ("qwen3_fp32_tp2", "dist"),
         ("qwen3_tied_bf16_pp2vp2", "legacy"),
+        ("mixtral_fp32_ep2", "dist"),
+        ("mixtral_bf16_tp2etp1ep2", "legacy"),
+        ("qwen2_moe_fp32_tp2etp1ep2", "legacy"),
+        ("qwen2_moe_bf16_ep2", "dist"),
+        ("qwen3_moe_fp32_pp2ep2", "legacy"),
+        ("qwen3_moe_fp32_tp2ep2", "dist"),
     ],
 )
 def test_derived_config_same_logits(mroot: Path, tmp_path: Path, case: str, fmt: str) -> None:
@@ -244,3 +260,28 @@ def test_unknown_tensor_name(mroot: Path, tmp_path: Path) -> None:
         assert data.count(old) == 1
         path.write_bytes(data.replace(old, new))  # same length: the zip stays valid
     _fails(src, tmp_path, MappingError, r"no Hugging Face name .*decoder\.final_rmsnormxx\.weight")
+
+
+def test_missing_expert_rank_directory(mroot: Path, tmp_path: Path) -> None:
+    """EP=2: every (tp, ep) pair; TP=2, ETP=1, EP=2: only mp_rank_00_000 and mp_rank_01_001."""
+    src = _copy(mroot, tmp_path, "mixtral_fp32_ep2")
+    shutil.rmtree(src / "mp_rank_00_001")
+    _fails(src, tmp_path, FormatError, r"mp_rank_00_001: missing rank directory .*EP=2\)")
+    shutil.rmtree(src)
+    src = _copy(mroot, tmp_path, "qwen3_moe_fp32_tp2etp1ep2")
+    assert sorted(p.name for p in src.iterdir()) == ["mp_rank_00_000", "mp_rank_01_001"]
+    shutil.rmtree(src / "mp_rank_01_001")
+    _fails(src, tmp_path, FormatError, r"mp_rank_01_001: missing rank directory .*ETP=1\)")
+
+
+def test_moe_arch_mismatch(mroot: Path, tmp_path: Path) -> None:
+    """MoE tensors have no names in a dense family, a shared expert none in Qwen3-MoE, and a
+    derived config refuses routing the family cannot express."""
+    src = mroot / "qwen2_moe_fp32_tp2etp1ep2" / "legacy"
+    with pytest.raises(MappingError, match=r"arch 'llama': .*mlp\.router\.weight"):
+        _convert(src, tmp_path / "a", arch="llama")
+    with pytest.raises(MappingError, match=r"arch 'qwen3_moe': .*shared_experts"):
+        _convert(src, tmp_path / "b", arch="qwen3_moe")
+    with pytest.raises(MappingError, match=r"Qwen2MoeForCausalLM config.json: no gated shared"):
+        _convert(mroot / "mixtral_fp32_ep2" / "dist", tmp_path / "c", arch="qwen2_moe")
+    assert not [p for p in tmp_path.iterdir() if p.name in ("a", "b", "c")]

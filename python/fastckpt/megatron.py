@@ -75,17 +75,31 @@ class Arch:
         architecture: the HF model class (``config.json`` ``architectures``).
         model_type: the HF ``model_type``.
         q_norm: HF names of ``q_layernorm`` / ``k_layernorm`` (under ``self_attn.``).
-        moe: prefix of the router and experts (``mlp`` or ``block_sparse_moe``).
+        moe: prefix of the router and experts (``mlp`` or ``block_sparse_moe``); None for dense
+            families, whose routers and experts are then unknown names.
         experts: HF names of an expert's gate, up and down projections.
-        shared: prefix of the shared expert (``mlp.shared_expert``).
+        shared: prefix of the shared expert (``mlp.shared_expert``); None where HF has none.
+        shared_gate: prefix of the shared expert's sigmoid gate (``mlp.shared_expert_gate``).
+        moe_config: for MoE families, the ``config.json`` keys of the expert count and the expert
+            FFN size (a derived config); None for dense families.
+        norm_topk: the ``config.json`` key that says whether the top-k routing weights are
+            renormalised (Megatron ``moe_router_pre_softmax=False``); None where they always are.
+        shared_config: the ``config.json`` key of the (required) shared-expert FFN size.
+        dense_layers: the ``config.json`` key listing dense (router-less) layers; None where every
+            layer must be MoE.
     """
 
     architecture: str
     model_type: str
     q_norm: tuple[str, str] = ("q_norm", "k_norm")
-    moe: str = "mlp"
+    moe: str | None = None
     experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-    shared: str = "mlp.shared_expert"
+    shared: str | None = None
+    shared_gate: str | None = None
+    moe_config: tuple[str, str] | None = None
+    norm_topk: str | None = "norm_topk_prob"
+    shared_config: str | None = None
+    dense_layers: str | None = "mlp_only_layers"
 
 
 ARCHS: dict[str, Arch] = {
@@ -94,10 +108,29 @@ ARCHS: dict[str, Arch] = {
     "qwen2": Arch("Qwen2ForCausalLM", "qwen2"),
     "qwen3": Arch("Qwen3ForCausalLM", "qwen3"),
     "mixtral": Arch(
-        "MixtralForCausalLM", "mixtral", moe="block_sparse_moe", experts=("w1", "w3", "w2")
+        "MixtralForCausalLM",
+        "mixtral",
+        moe="block_sparse_moe",
+        experts=("w1", "w3", "w2"),
+        moe_config=("num_local_experts", "intermediate_size"),
+        norm_topk=None,
+        dense_layers=None,
     ),
-    "qwen2_moe": Arch("Qwen2MoeForCausalLM", "qwen2_moe"),
-    "qwen3_moe": Arch("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "qwen2_moe": Arch(
+        "Qwen2MoeForCausalLM",
+        "qwen2_moe",
+        moe="mlp",
+        shared="mlp.shared_expert",
+        shared_gate="mlp.shared_expert_gate",
+        moe_config=("num_experts", "moe_intermediate_size"),
+        shared_config="shared_expert_intermediate_size",
+    ),
+    "qwen3_moe": Arch(
+        "Qwen3MoeForCausalLM",
+        "qwen3_moe",
+        moe="mlp",
+        moe_config=("num_experts", "moe_intermediate_size"),
+    ),
 }
 
 
@@ -267,6 +300,7 @@ _COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_q_proj.weight",
            "linear_q_up_proj.weight", "linear_kv_up_proj.weight")  # fmt: skip
 _ROW = ("linear_proj.weight", "linear_fc2.weight")
 _VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
+_ROUTER = "mlp.router.weight"
 
 
 def _tp_kind(name: str, gated: bool) -> str:
@@ -385,8 +419,28 @@ def _layout(args: Args) -> _Layout:
     )
 
 
+def _writers(lay: _Layout) -> list[tuple[int, int]]:
+    """The ``(tp, ep)`` rank directories a legacy save writes in each pipeline stage.
+
+    Megatron-LM saves from the ranks whose expert-data-parallel rank is 0: with the default rank
+    order (``tp-cp-ep-dp-pp``, CP=1) those are the in-stage ranks ``r < ETP·EP``, and rank ``r``
+    writes ``mp_rank_{r % TP}_{(r // ETP) % EP}`` (``shared/formats/megatron.md`` §3.8). With
+    ETP = TP that is every ``(tp, ep)`` pair; with ETP=1, TP=2, EP=2 only ``(0, 0)`` and ``(1, 1)``.
+    """
+    if lay.ep == 1:
+        return [(tp, 0) for tp in range(lay.tp)]
+    pairs = [(r % lay.tp, (r // lay.etp) % lay.ep) for r in range(lay.etp * lay.ep)]
+    return sorted(set(pairs))
+
+
 def _rank_dirs(directory: Path, lay: _Layout) -> dict[tuple[int, int, int], Path]:
     """``(tp, pp, ep)`` -> rank file, checked against the layout ``args`` declares."""
+    if lay.ep > 1 and lay.tp % lay.etp:
+        raise FormatError(
+            f"{directory}: args say expert TP={lay.etp}, which does not divide TP={lay.tp}: a "
+            "legacy save then writes several expert-TP ranks to one mp_rank file (not readable; "
+            "use torch_dist)"
+        )
     found: dict[tuple[int, int, int], Path] = {}
     for name in sorted(os.listdir(directory)):
         m = _MP_RANK.match(name)
@@ -415,17 +469,16 @@ def _rank_dirs(directory: Path, lay: _Layout) -> dict[tuple[int, int, int], Path
                 "(args disagree with the files)"
             )
         found[(tp, pp, ep)] = directory / name / RANK_FILE
-    if lay.ep == 1 or lay.etp == lay.tp:
-        for tp in range(lay.tp):
-            for pp in range(lay.pp):
-                for ep in range(lay.ep):
-                    if (tp, pp, ep) not in found:
-                        name = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if lay.pp > 1 else "")
-                        name += f"_{ep:03d}" if lay.ep > 1 else ""
-                        raise FormatError(
-                            f"{directory / name}: missing rank directory (args say TP={lay.tp}, "
-                            f"PP={lay.pp}, EP={lay.ep})"
-                        )
+    for tp, ep in _writers(lay):
+        for pp in range(lay.pp):
+            if (tp, pp, ep) not in found:
+                name = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if lay.pp > 1 else "")
+                name += f"_{ep:03d}" if lay.ep > 1 else ""
+                etp = f", ETP={lay.etp}" if lay.etp != lay.tp else ""
+                raise FormatError(
+                    f"{directory / name}: missing rank directory (args say TP={lay.tp}, "
+                    f"PP={lay.pp}, EP={lay.ep}{etp})"
+                )
     for path in found.values():
         if not path.is_file():
             raise FormatError(f"{path}: missing rank file")
@@ -692,7 +745,7 @@ def detect_arch(args: Args, config: dict[str, Any] | None) -> str:
     experts = args.int("num_experts", 0) or args.int("num_moe_experts", 0)
     qk_norm = bool(args.get("qk_layernorm", False))
     if experts:
-        if args.get("moe_shared_expert_intermediate_size"):
+        if args.get("moe_shared_expert_intermediate_size") or args.get("add_qkv_bias", False):
             return "qwen2_moe"
         return "qwen3_moe" if qk_norm else "mixtral"
     if qk_norm:
@@ -772,15 +825,20 @@ def _map(canon: dict[str, Canon], arch: Arch, d: _Dims, source: str) -> list[_Ou
             p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", c
         ),
         "mlp.linear_fc2.weight": lambda p, c: copy(p + "mlp.down_proj.weight", c),
-        "mlp.router.weight": lambda p, c: copy(f"{p}{arch.moe}.gate.weight", c),
-        "mlp.shared_experts.linear_fc1.weight": lambda p, c: glu(
-            f"{p}{arch.shared}.gate_proj.weight", f"{p}{arch.shared}.up_proj.weight", c
-        ),
-        "mlp.shared_experts.linear_fc2.weight": lambda p, c: copy(
-            f"{p}{arch.shared}.down_proj.weight", c
-        ),
-        "mlp.shared_experts.gate_weight": lambda p, c: copy(p + "mlp.shared_expert_gate.weight", c),
     }
+    if arch.moe is not None:
+        layer_rules["mlp.router.weight"] = lambda p, c: copy(f"{p}{arch.moe}.gate.weight", c)
+    if arch.shared is not None:
+        sh = arch.shared
+        layer_rules["mlp.shared_experts.linear_fc1.weight"] = lambda p, c: glu(
+            f"{p}{sh}.gate_proj.weight", f"{p}{sh}.up_proj.weight", c
+        )
+        layer_rules["mlp.shared_experts.linear_fc2.weight"] = lambda p, c: copy(
+            f"{p}{sh}.down_proj.weight", c
+        )
+    if arch.shared_gate is not None:
+        sg = arch.shared_gate
+        layer_rules["mlp.shared_experts.gate_weight"] = lambda p, c: copy(f"{p}{sg}.weight", c)
     for name, c in canon.items():
         if name == "embedding.word_embeddings.weight":
             vocab("model.embed_tokens.weight", c)
@@ -794,7 +852,7 @@ def _map(canon: dict[str, Canon], arch: Arch, d: _Dims, source: str) -> list[_Ou
         elif m := _LAYER.match(name):
             prefix, rest = f"model.layers.{m.group(1)}.", m.group(2)
             e = _LOCAL_EXPERT.match(rest)
-            if e and e.group(2) in ("linear_fc1.weight", "linear_fc2.weight"):
+            if e and arch.moe and e.group(2) in ("linear_fc1.weight", "linear_fc2.weight"):
                 ep = f"{prefix}{arch.moe}.experts.{e.group(1)}."
                 if e.group(2) == "linear_fc1.weight":
                     glu(f"{ep}{ge}.weight", f"{ep}{ue}.weight", c)
@@ -820,13 +878,76 @@ def _map(canon: dict[str, Canon], arch: Arch, d: _Dims, source: str) -> list[_Ou
     return out
 
 
-def derive_config(args: Args, arch_key: str, d: _Dims, dtype: str) -> dict[str, Any]:
-    """A ``config.json`` for dense families from ``args`` (when no HF config was given)."""
+def _moe_fields(args: Args, arch_key: str, moe_layers: list[int]) -> dict[str, Any]:
+    """The MoE part of a derived ``config.json``; refuses routing HF cannot express."""
     arch = ARCHS[arch_key]
-    if args.get("num_experts") or args.get("num_moe_experts"):
+    experts = args.int("num_experts", 0) or args.int("num_moe_experts", 0)
+    if arch.moe_config is None:
         raise MappingError(
-            f"{args.source}: cannot derive a config.json for a MoE model from args; pass "
-            "--config-from DIR (the base model's folder)"
+            f"{args.source}: args say {experts} experts but arch {arch_key!r} is dense; pass "
+            "--arch (mixtral, qwen2_moe, qwen3_moe) or --config-from DIR"
+        )
+    layers = args.int("num_layers", 0)
+    dense = [i for i in range(layers) if i not in set(moe_layers)]
+    pre_softmax = bool(args.get("moe_router_pre_softmax", False))
+    shared = args.int("moe_shared_expert_intermediate_size", 0)
+    problems = []
+    score = args.get("moe_router_score_function", "softmax")
+    if score != "softmax":
+        problems.append(f"moe_router_score_function={score!r}")
+    scale = args.get("moe_router_topk_scaling_factor")
+    if scale is not None and float(scale) != 1.0:
+        problems.append(f"moe_router_topk_scaling_factor={scale!r}")
+    for flag in ("moe_router_enable_expert_bias", "moe_router_num_groups"):
+        if args.get(flag):
+            problems.append(f"{flag}={args.get(flag)!r}")
+    if arch.norm_topk is None and pre_softmax:
+        problems.append("moe_router_pre_softmax=True (HF renormalises the top-k weights)")
+    if arch.shared_config is None and shared:
+        problems.append(f"a shared expert (moe_shared_expert_intermediate_size={shared})")
+    if arch.shared_config is not None and not (shared and args.get("moe_shared_expert_gate")):
+        problems.append("no gated shared expert (HF always has one)")
+    if dense and arch.dense_layers is None:
+        problems.append(f"dense layers {dense}")
+    if problems:
+        raise MappingError(
+            f"{args.source}: cannot derive a {arch.architecture} config.json: "
+            f"{'; '.join(problems)} (no equivalent there); pass --config-from DIR"
+        )
+    count_key, ffn_key = arch.moe_config
+    fields: dict[str, Any] = {
+        count_key: experts,
+        "num_experts_per_tok": args.int("moe_router_topk", 2),
+        ffn_key: args.int("moe_ffn_hidden_size", args.int("ffn_hidden_size", 0)),
+    }
+    if arch.norm_topk is not None:
+        fields[arch.norm_topk] = not pre_softmax
+    if arch.dense_layers is not None:
+        fields["decoder_sparse_step"] = 1
+        fields[arch.dense_layers] = dense
+    if arch.shared_config is not None:
+        fields[arch.shared_config] = shared
+    return fields
+
+
+def derive_config(
+    args: Args, arch_key: str, d: _Dims, dtype: str, moe_layers: list[int] | None = None
+) -> dict[str, Any]:
+    """A ``config.json`` from ``args`` (when no HF config was given).
+
+    Args:
+        args: the pickled Megatron ``args``.
+        arch_key: a key of :data:`ARCHS`.
+        d: the attention / vocabulary dimensions.
+        dtype: the safetensors dtype of the embedding.
+        moe_layers: the global layers that hold a router (MoE families).
+    """
+    arch = ARCHS[arch_key]
+    experts = args.get("num_experts") or args.get("num_moe_experts")
+    if arch.moe_config is not None and not experts:
+        raise MappingError(
+            f"{args.source}: arch {arch_key!r} is a MoE family but args say no experts; pass "
+            "--arch or --config-from DIR"
         )
     eps = args.get("layernorm_epsilon", args.get("norm_epsilon", 1e-5))
     names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -851,8 +972,10 @@ def derive_config(args: Args, arch_key: str, d: _Dims, dtype: str) -> dict[str, 
         "torch_dtype": names.get(dtype, "float32"),
         "dtype": names.get(dtype, "float32"),
     }
-    if arch_key == "qwen2":
-        del cfg["attention_bias"]
+    if arch_key in ("qwen2", "qwen2_moe", "mixtral"):
+        del cfg["attention_bias"]  # Qwen2 always has q/k/v biases; Mixtral has none
+    if experts:
+        cfg.update(_moe_fields(args, arch_key, moe_layers or []))
     return cfg
 
 
@@ -908,7 +1031,9 @@ def read_megatron(
     derived = None
     if config is None:
         emb = canon.get("embedding.word_embeddings.weight")
-        derived = derive_config(args, key, d, emb.dtype if emb else "F32")
+        routers = [m.group(1) for n in canon if (m := _LAYER.match(n)) and m.group(2) == _ROUTER]
+        moe_layers = sorted({int(i) for i in routers})
+        derived = derive_config(args, key, d, emb.dtype if emb else "F32", moe_layers)
     tensors: dict[str, TensorMeta] = {}
     by_name: dict[str, _Out] = {}
     for o in outs:

@@ -10,7 +10,9 @@ builds a real ``GPTModel`` (local spec, CPU, gloo) for each parallel layout, loa
 into it through the inverse of the HF mapping, and saves it:
 
 * ``legacy``: the model's real ``state_dict_for_save_checkpoint()`` in Megatron-LM's directory
-  layout (``iter_0000010/mp_rank_TT[_PPP]/model_optim_rng.pt``, written by DP rank 0 only, with an
+  layout (``iter_0000010/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``, written by the ranks whose
+  expert-DP rank is 0 as Megatron-LM's ``save_checkpoint`` does (with TP=2, ETP=1, EP=2 on 4 ranks
+  only ``mp_rank_00_000`` and ``mp_rank_01_001``), with an
   ``args`` Namespace, ``checkpoint_version`` 3.0, the iteration and an RNG state, as
   ``megatron.training.checkpointing`` writes them; ``args`` is built here, not by ``parse_args``,
   because megatron-core ships without ``megatron.training``);
@@ -18,10 +20,16 @@ into it through the inverse of the HF mapping, and saves it:
   the common state (``common.pt``), as Megatron-LM's ``torch_dist`` format.
 
 With PP == 1 Megatron's own forward is checked against the HF model's logits, which proves the
-inverse mapping (and so the reference) right. Small patches make megatron-core save on CPU/gloo:
+inverse mapping (and so the reference) right.
+
+MoE (Mixtral, Qwen2-MoE with a gated shared expert, Qwen3-MoE): ``MoELayer`` with SequentialMLP
+experts and the allgather token dispatcher (the alltoall one creates a ``torch.cuda.Stream``),
+at EP=2, TP=2/ETP=1/EP=2, TP=2/EP=2 and PP=2/EP=2. Grouped GEMM is not covered: with the local
+spec it is the legacy ``GroupedMLP``, which asserts the CUDA-only ``grouped_gemm`` package, and
+TEGroupedMLP needs Transformer Engine. Small patches make megatron-core save on CPU/gloo:
 ``torch.cuda.synchronize`` is a no-op, ``torch.cuda.current_device`` returns ``"cpu"``,
 ``Tensor.cuda`` returns the tensor (tied embeddings with PP > 1), the CUDA RNG tracker's ``fork`` is
-a null context.
+a null context, the ``te_general_gemm`` name MoE utils lack without TE is ``None``.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import signal
 import sys
 import warnings
@@ -41,9 +50,11 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore")
 
 H, L, NH, NG, VOCAB, FFN = 64, 4, 8, 2, 250, 96
+E, TOPK, FFN_MOE, FFN_SHARED = 4, 2, 32, 48  # MoE: experts, top-k, expert and shared-expert FFN
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
-# (name, family, dtype, tied, tp, pp, vp)
-CASES = [
+# (name, family, dtype, tied, tp, pp, vp[, ep, etp])
+CASES: list[tuple] = [
     ("llama_fp32_tp2", "llama", "float32", False, 2, 1, None),
     ("llama_fp32_tp2pp2", "llama", "float32", False, 2, 2, None),
     ("llama_fp32_pp2vp2", "llama", "float32", False, 1, 2, 2),
@@ -53,6 +64,17 @@ CASES = [
     ("qwen2_bf16_tp2pp2", "qwen2", "bfloat16", False, 2, 2, None),
     ("qwen3_fp32_tp2", "qwen3", "float32", False, 2, 1, None),
     ("qwen3_tied_bf16_pp2vp2", "qwen3", "bfloat16", True, 1, 2, 2),
+    # MoE (local spec, SequentialMLP experts): EP=2 on 4 ranks (expert DP=2), and TP=2 with
+    # ETP=1, EP=2, where only mp_rank_00_000 and mp_rank_01_001 exist
+    ("mixtral_fp32_ep2", "mixtral", "float32", False, 1, 1, None, 2, 1),
+    ("mixtral_bf16_tp2etp1ep2", "mixtral", "bfloat16", False, 2, 1, None, 2, 1),
+    ("qwen2_moe_fp32_tp2etp1ep2", "qwen2_moe", "float32", False, 2, 1, None, 2, 1),
+    ("qwen2_moe_bf16_ep2", "qwen2_moe", "bfloat16", False, 1, 1, None, 2, 1),
+    ("qwen3_moe_fp32_tp2ep2", "qwen3_moe", "float32", False, 2, 1, None, 2, 2),
+    ("qwen3_moe_fp32_tp2etp1ep2", "qwen3_moe", "float32", False, 2, 1, None, 2, 1),
+    ("qwen3_moe_bf16_ep2", "qwen3_moe", "bfloat16", False, 1, 1, None, 2, 1),
+    # PP=2 x EP=2: mp_rank_TT_PPP_EEE, stage-local layers and EP-local experts together
+    ("qwen3_moe_fp32_pp2ep2", "qwen3_moe", "float32", False, 1, 2, None, 2, 1),
 ]
 
 
@@ -64,6 +86,10 @@ def patch_cuda() -> None:
 
     tracker = mrandom.get_cuda_rng_tracker()
     tracker.fork = lambda *a, **k: contextlib.nullcontext()
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):  # 0.16.1 names it even without TE
+        moe_utils.te_general_gemm = None
 
 
 def hf_model(family: str, dtype: torch.dtype, tied: bool):  # type: ignore[no-untyped-def]
@@ -86,6 +112,31 @@ def hf_model(family: str, dtype: torch.dtype, tied: bool):  # type: ignore[no-un
         cfg = tf.Qwen2Config(**common)
     elif family == "qwen3":
         cfg = tf.Qwen3Config(**common, head_dim=16)
+    elif family == "mixtral":
+        cfg = tf.MixtralConfig(
+            **{**common, "intermediate_size": FFN_MOE},
+            head_dim=H // NH,
+            num_local_experts=E,
+            num_experts_per_tok=TOPK,
+        )
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(
+            **common,
+            num_experts=E,
+            num_experts_per_tok=TOPK,
+            moe_intermediate_size=FFN_MOE,
+            shared_expert_intermediate_size=FFN_SHARED,
+            norm_topk_prob=False,
+        )
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(
+            **common,
+            head_dim=16,
+            num_experts=E,
+            num_experts_per_tok=TOPK,
+            moe_intermediate_size=FFN_MOE,
+            norm_topk_prob=True,
+        )
     else:
         raise ValueError(family)
     torch.manual_seed(1234)
@@ -98,6 +149,12 @@ def hf_model(family: str, dtype: torch.dtype, tied: bool):  # type: ignore[no-un
                 p.normal_(0, 0.1)
     model = model.to(dtype).eval()
     return model
+
+
+def rope_theta(model) -> int:  # type: ignore[no-untyped-def]
+    """transformers v5 keeps it in ``rope_parameters`` (Mixtral: 1e6)."""
+    params = getattr(model.config, "rope_parameters", None) or {}
+    return int(params.get("rope_theta") or getattr(model.config, "rope_theta", None) or 10000)
 
 
 def head_dim(model) -> int:  # type: ignore[no-untyped-def]
@@ -146,15 +203,56 @@ def megatron_global(model, family: str, pad_rows: torch.Tensor):  # type: ignore
         out[m + "self_attention.linear_proj.weight"] = sd[p + "self_attn.o_proj.weight"]
         out[m + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
         out[m + "pre_mlp_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        if family == "qwen3":
+        if family in ("qwen3", "qwen3_moe"):
             out[m + "self_attention.q_layernorm.weight"] = sd[p + "self_attn.q_norm.weight"]
             out[m + "self_attention.k_layernorm.weight"] = sd[p + "self_attn.k_norm.weight"]
+        if family in MOE:
+            # transformers v5 keeps experts fused in memory: gate_up_proj [E, 2F, H] = [gate; up],
+            # down_proj [E, H, F] (save_pretrained writes them per expert)
+            out[m + "mlp.router.weight"] = sd[p + "mlp.gate.weight"]
+            gate_up = sd[p + "mlp.experts.gate_up_proj"]
+            down = sd[p + "mlp.experts.down_proj"]
+            for e in range(E):
+                x = f"{m}mlp.experts.local_experts.{e}."
+                out[x + "linear_fc1.weight"] = (gate_up[e, :FFN_MOE], gate_up[e, FFN_MOE:])
+                out[x + "linear_fc2.weight"] = down[e]
+            if family == "qwen2_moe":
+                s = f"{m}mlp.shared_experts."
+                out[s + "linear_fc1.weight"] = (
+                    sd[p + "mlp.shared_expert.gate_proj.weight"],
+                    sd[p + "mlp.shared_expert.up_proj.weight"],
+                )
+                out[s + "linear_fc2.weight"] = sd[p + "mlp.shared_expert.down_proj.weight"]
+                out[s + "gate_weight"] = sd[p + "mlp.shared_expert_gate.weight"]
+            continue
         out[m + "mlp.linear_fc1.weight"] = (
             sd[p + "mlp.gate_proj.weight"],
             sd[p + "mlp.up_proj.weight"],
         )
         out[m + "mlp.linear_fc2.weight"] = sd[p + "mlp.down_proj.weight"]
     return out
+
+
+_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def moe_config(family: str) -> dict:
+    """TransformerConfig MoE fields (HF routing: Mixtral / Qwen3-MoE renormalise the top-k,
+    i.e. softmax over the top-k logits; Qwen2-MoE takes the top-k of the full softmax)."""
+    if family not in MOE:
+        return {}
+    cfg = dict(
+        num_moe_experts=E,
+        moe_router_topk=TOPK,
+        moe_ffn_hidden_size=FFN_MOE,
+        moe_router_pre_softmax=family == "qwen2_moe",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",  # alltoall makes a torch.cuda.Stream
+    )
+    if family == "qwen2_moe":
+        cfg.update(moe_shared_expert_intermediate_size=FFN_SHARED, moe_shared_expert_gate=True)
+    return cfg
 
 
 def shard(name: str, value, tp: int, rank: int):  # type: ignore[no-untyped-def]
@@ -178,17 +276,24 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    name, family, dtype_name, tied, tp, pp, vp = case
+    name, family, dtype_name, tied, tp, pp, vp, *moe_par = case
+    ep, etp = moe_par or (1, tp)
+    moe = family in MOE
     dtype = getattr(torch, dtype_name)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    dp_rank = parallel_state.get_data_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    edp_rank = parallel_state.get_expert_data_parallel_rank()
+    e_local = E // ep
     hf = hf_model(family, dtype, tied)
     hd = head_dim(hf)
     padded = padded_vocab(tp)
@@ -208,11 +313,14 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         normalization="RMSNorm",
         layernorm_epsilon=1e-5,
         add_bias_linear=False,
-        add_qkv_bias=family == "qwen2",
-        qk_layernorm=family == "qwen3",
+        add_qkv_bias=family in ("qwen2", "qwen2_moe"),
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        **moe_config(family),
         use_cpu_initialization=True,
         perform_initialization=False,
         params_dtype=dtype,
@@ -221,7 +329,12 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=family == "qwen3")
+    spec = get_gpt_layer_local_spec(
+        num_experts=E if moe else None,
+        moe_grouped_gemm=False,  # local-spec grouped GEMM needs the CUDA grouped_gemm package
+        normalization="RMSNorm",
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
+    )
     stages = list(range(vp)) if vp else [None]
     models = []
     for v in stages:
@@ -236,7 +349,7 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
             post_process=post,
             share_embeddings_and_output_weights=tied,
             position_embedding_type="rope",
-            rotary_base=int(getattr(hf.config, "rope_theta", None) or 10000),
+            rotary_base=rope_theta(hf),
             vp_stage=v,
         )
         model = model.to(dtype).eval()
@@ -254,7 +367,13 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
                     if key.startswith(local):
                         gkey = g + key[len(local) :]
                         break
-                value = shard(gkey, glob[gkey], tp, tp_rank)
+                x = _EXPERT.search(gkey)
+                if x:  # local expert j of this EP rank, split over expert TP
+                    e = ep_rank * e_local + int(x.group(1))
+                    gkey = gkey[: x.start(1)] + str(e) + gkey[x.end(1) :]
+                    value = shard(gkey, glob[gkey], etp, etp_rank)
+                else:
+                    value = shard(gkey, glob[gkey], tp, tp_rank)
                 if tuple(value.shape) != tuple(param.shape):
                     raise SystemExit(
                         f"{name}: {key} shape {tuple(param.shape)} vs {tuple(value.shape)}"
@@ -296,19 +415,30 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         make_vocab_size_divisible_by=128,
         untie_embeddings_and_output_weights=not tied,
         position_embedding_type="rope",
-        rotary_base=int(getattr(hf.config, "rope_theta", None) or 10000),
+        rotary_base=rope_theta(hf),
         rotary_percent=1.0,
         max_position_embeddings=128,
         seq_length=128,
         add_bias_linear=False,
-        add_qkv_bias=family == "qwen2",
-        qk_layernorm=family == "qwen3",
-        num_experts=None,
+        add_qkv_bias=family in ("qwen2", "qwen2_moe"),
+        qk_layernorm=family in ("qwen3", "qwen3_moe"),
+        num_experts=E if moe else None,
+        moe_ffn_hidden_size=FFN_MOE if moe else None,
+        moe_router_topk=TOPK,
+        moe_shared_expert_intermediate_size=FFN_SHARED if family == "qwen2_moe" else None,
+        moe_shared_expert_gate=family == "qwen2_moe",
+        moe_router_pre_softmax=family == "qwen2_moe",
+        moe_router_score_function="softmax",
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None,
+        moe_layer_freq=1,
+        moe_grouped_gemm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
-        expert_model_parallel_size=1,
-        expert_tensor_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
         context_parallel_size=1,
         bf16=dtype == torch.bfloat16,
         fp16=False,
@@ -320,10 +450,12 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
     )
     common = {"args": args, "checkpoint_version": 3.0, "iteration": 10}
 
-    # legacy: iter_0000010/mp_rank_TT[_PPP]/model_optim_rng.pt, DP rank 0 only
+    # legacy: iter_0000010/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt, written (as Megatron-LM's
+    # save_checkpoint does) by the ranks whose expert-DP rank is 0 (the DP rank 0 without experts)
     legacy = case_dir / "legacy"
-    if dp_rank == 0:
+    if edp_rank == 0:
         rank_dir = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+        rank_dir += f"_{ep_rank:03d}" if ep > 1 else ""
         target = legacy / "iter_0000010" / rank_dir
         target.mkdir(parents=True, exist_ok=True)
         state = dict(common)
@@ -356,7 +488,7 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         (case_dir / "dist" / "latest_checkpointed_iteration.txt").write_text("10")
         hf.save_pretrained(case_dir / "hf")
         meta = {"name": name, "family": family, "dtype": dtype_name, "tied": tied,
-                "tp": tp, "pp": pp, "vp": vp}  # fmt: skip
+                "tp": tp, "pp": pp, "vp": vp, "ep": ep, "etp": etp}  # fmt: skip
         (case_dir / "meta.json").write_text(json.dumps(meta))
     dist.barrier()
 
