@@ -294,6 +294,33 @@ def test_fastckpt_never_imports_torch_for_zero(ds_root: Path, tmp_path: Path) ->
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_optimizer_matches_deepspeed(ds_root: Path, case: str, tmp_path: Path) -> None:
+    """--with-optimizer: exp_avg / exp_avg_sq equal DeepSpeed's own
+    ``safe_get_full_optimizer_state`` bit for bit; every trainable parameter gets its step."""
+    case_dir = ds_root / case
+    out = tmp_path / "out"
+    report = fastckpt.convert(_tag(case_dir), out, with_optimizer=True, fsync=False)
+    assert {"optimizer.safetensors", "optimizer.json"} <= set(report.files)
+    got = load_file(str(out / "optimizer.safetensors"))
+    want = load_file(str(case_dir / "ref" / "optimizer.safetensors"))
+    moments = {k: v for k, v in got.items() if not k.endswith(".step")}
+    assert sorted(moments) == sorted(want)
+    for name, value in want.items():
+        _assert_same(moments[name], value, name)
+    trainable = sorted({k.rsplit(".", 1)[0] for k in want})
+    meta = _meta(case_dir)
+    assert f"state.{meta['frozen']}.exp_avg" not in got  # frozen: no optimizer state
+    steps = int(meta["latest"].removeprefix("global_step"))
+    for fqn in trainable:
+        assert got[f"{fqn}.step"].item() == steps, fqn
+    doc = json.loads((out / "optimizer.json").read_text())
+    assert doc["step"] == steps
+    params = sorted(f"state.{p}" for g in doc["param_groups"] for p in g["params"])
+    assert params == trainable
+    assert [g["weight_decay"] for g in doc["param_groups"]] == [0.01, 0.0]
+
+
 # ---------------------------------------------------------------------------------------------
 # what is refused
 

@@ -20,6 +20,11 @@ Sources:
   state tensor must have its parameter's shape). FSDP1 flat states fail those checks and are
   refused.
 
+* DeepSpeed ZeRO 1/2/3 tag folders: each rank's torch optimizer holds one flat parameter per group
+  (the rank's fp32 partition), so ``exp_avg`` / ``exp_avg_sq`` have the partition's layout and are
+  placed exactly like the fp32 weights (``zero.py``); ``step`` (one per group) is given to every
+  parameter of the group. Frozen parameters have no state.
+
 Integer-keyed (unkeyed) states in DCP are refused: nothing maps an index to a name there.
 """
 
@@ -37,9 +42,10 @@ import numpy as np
 
 from fastckpt import _core
 from fastckpt._core import FormatError
-from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta
+from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
 from fastckpt.distcp import DcpReader, normalise_name
 from fastckpt.torch_pickle import (
+    TORCH_TO_ST,
     BytesStorageMetadata,
     DTensorRef,
     MetadataIndex,
@@ -57,6 +63,7 @@ from fastckpt.torch_save import (
     _rank_files,
     _RankFile,
 )
+from fastckpt.zero import ZeroReader, read_zero_optimizer
 
 #: veRL per-rank optimizer files
 OPTIM_FILE = re.compile(r"^optim_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -118,10 +125,34 @@ def read_optimizer(cat: Catalogue) -> OptimizerState:
         return _from_dcp(cat, cat.reader)
     if cat.format == "torch_ranks":
         return _from_rank_files(cat)
+    if cat.format == "deepspeed":
+        return _from_zero(cat)
     raise FormatError(
-        f"{cat.path}: --with-optimizer reads DCP checkpoints and veRL optim_world_size_W_rank_R.pt "
-        f"files; this {cat.format} checkpoint has no optimizer state fastckpt can consolidate"
+        f"{cat.path}: --with-optimizer reads DCP checkpoints, veRL optim_world_size_W_rank_R.pt "
+        f"files and DeepSpeed ZeRO folders; this {cat.format} checkpoint has no optimizer state "
+        "fastckpt can consolidate"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO
+
+
+def _from_zero(cat: Catalogue) -> OptimizerState:
+    zero = read_zero_optimizer(cat.path)
+    metas: list[TensorMeta] = []
+    chunks: dict[str, tuple[Chunk, ...]] = {}
+    for name, (dtype, shape, cs) in zero.tensors.items():
+        st = TORCH_TO_ST.get(dtype)
+        if st is None:
+            raise FormatError(f"{cat.path}: optimizer state {name!r} has dtype {dtype}, which "
+                              "safetensors cannot store")  # fmt: skip
+        metas.append(TensorMeta(name, name, st, shape, len(cs), False))
+        chunks[name] = cs
+    entries = ZeroReader(chunks).locate(metas)
+    groups = [{k: _plain(v) for k, v in g.items()} for g in zero.param_groups]
+    return OptimizerState(entries=entries, param_groups=groups, step=_step(entries),
+                          notes=zero.notes)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

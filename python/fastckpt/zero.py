@@ -38,6 +38,7 @@ inert stubs; nothing is imported or executed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -643,3 +644,148 @@ def read_zero_dir(directory: Path) -> Catalogue:
         side_dirs=side_dirs,
         notes=notes,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer state (--with-optimizer)
+
+
+@dataclass
+class ZeroOptimizer:
+    """The optimizer state of a ZeRO tag folder, placed like the fp32 weights.
+
+    Attributes:
+        tensors: ``state.<fqn>.<name>`` -> (torch dtype, shape, chunks), in parameter order.
+        param_groups: the base optimizer's ``param_groups`` with ``params`` as FQNs.
+        notes: remarks for the report.
+    """
+
+    tensors: dict[str, tuple[str, tuple[int, ...], tuple[Chunk, ...]]]
+    param_groups: list[dict[str, Any]]
+    notes: list[str]
+
+
+def _base_state(layout: _Layout, f: _File) -> dict[Any, Any]:
+    """The wrapped torch optimizer's ``state_dict()`` of one rank file."""
+    osd = f.obj["optimizer_state_dict"]
+    key = "base_optimizer_state" if layout.stage <= 2 else "optimizer_state_dict"
+    base = _get(f, osd, key, " in optimizer_state_dict")
+    if isinstance(base, list | tuple):
+        raise FormatError(
+            f"{f.path}: {key} is a per-group list (an elastic checkpoint, saved with padding "
+            "removed): --with-optimizer reads the default (non-elastic) ZeRO layout"
+        )
+    if not isinstance(base, dict) or not isinstance(base.get("state"), dict):
+        raise FormatError(f"{f.path}: {key} is not a torch optimizer state dict")
+    return base
+
+
+def read_zero_optimizer(directory: Path) -> ZeroOptimizer:
+    """Consolidate per-parameter optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``, ...).
+
+    Each rank's torch optimizer holds one flat parameter per group (the rank's fp32 partition),
+    so every flat state tensor has the partition's layout and is placed by the same functions as
+    the fp32 weights; a scalar state (Adam's ``step``) is given to every parameter of its group.
+    """
+    layout = _read_layout(directory)
+    m0 = layout.models[0]
+    shapes = _param_shapes(m0)
+    weights = _flat_groups(layout)
+    bases = [_base_state(layout, f) for f in layout.optim]
+    n_groups = len(weights[0])
+    per_rank: list[list[dict[Any, Any]]] = []
+    for f, base in zip(layout.optim, bases, strict=True):
+        state = base["state"]
+        if sorted(state) != list(range(n_groups)):
+            raise FormatError(
+                f"{f.path}: optimizer state keys {sorted(state, key=str)} do not match the "
+                f"{n_groups} flat parameter groups"
+            )
+        groups = []
+        for g in range(n_groups):
+            s = state[g]
+            if not isinstance(s, dict):
+                raise FormatError(f"{f.path}: optimizer state of group {g} is a {_kind(s)}")
+            groups.append(s)
+        per_rank.append(groups)
+    names = [str(k) for k in per_rank[0][0]]
+    flat_names = []
+    scalar_names = []
+    for sname in names:
+        value = per_rank[0][0][sname]
+        if isinstance(value, TensorRef) and math.prod(value.shape) == weights[0][0].length > 1:
+            flat_names.append(sname)
+        elif isinstance(value, TensorRef) and math.prod(value.shape) == 1:
+            scalar_names.append(sname)
+    placed: dict[str, dict[str, _Builder]] = {}
+    for sname in flat_names:
+        ranks = []
+        for f, groups, wruns in zip(layout.optim, per_rank, weights, strict=True):
+            runs = []
+            for g, s in enumerate(groups):
+                run = f.run(s.get(sname), f"optimizer state {sname!r} of group {g}")
+                pads = f.obj["optimizer_state_dict"].get("group_paddings")
+                pad = pads[g] if isinstance(pads, list | tuple) and g < len(pads) else 0
+                if isinstance(pad, int) and pad > 0 and run.length == wruns[g].length + pad:
+                    # the BF16 optimizer saves the last rank's fp32 partition without the
+                    # group's alignment padding, but its state with it: drop the padded tail
+                    run = dataclasses.replace(run, length=wruns[g].length)
+                if run.length != wruns[g].length:
+                    raise FormatError(
+                        f"{f.path}: optimizer state {sname!r} of group {g} has {run.length} "
+                        f"elements, the fp32 partition {wruns[g].length}"
+                    )
+                runs.append(run)
+            ranks.append(runs)
+        builders: dict[str, _Builder] = {}
+        if layout.stage <= 2:
+            _zero12(layout, shapes, ranks, builders)
+        else:
+            _zero3(layout, shapes, ranks, builders)
+        placed[sname] = builders
+    # the group of each parameter (ZeRO-3 sub-groups: one per group unless sub_group_size splits)
+    group_of: dict[str, int] = {}
+    for g, group in enumerate(shapes):
+        for name, _ in group:
+            group_of[name] = g if len(shapes) == n_groups else 0
+    f0 = layout.optim[0]
+    scalars: dict[str, list[tuple[str, tuple[int, ...], tuple[Chunk, ...]]]] = {}
+    for sname in scalar_names:
+        vals = []
+        for g, s in enumerate(per_rank[0]):
+            ref = s.get(sname)
+            if not isinstance(ref, TensorRef):
+                raise FormatError(f"{f0.path}: optimizer state {sname!r} of group {g} is missing")
+            vals.append((ref.dtype, ref.shape, tuple(f0.whole(ref, f"{sname!r} of group {g}"))))
+        scalars[sname] = vals
+    if len(shapes) != n_groups and scalar_names:
+        raise FormatError(
+            f"{f0.path}: {n_groups} optimizer sub-groups for {len(shapes)} parameter groups: "
+            "per-group scalar state cannot be assigned to parameters"
+        )
+    tensors: dict[str, tuple[str, tuple[int, ...], tuple[Chunk, ...]]] = {}
+    for group in shapes:
+        for name, shape in group:
+            fqn = _normalise(name)
+            for sname in names:
+                if sname in placed:
+                    b = placed[sname][name]
+                    if b.covered != math.prod(shape):
+                        raise FormatError(f"{directory}: {sname} of {name!r} is incomplete")
+                    tensors[f"state.{fqn}.{sname}"] = (b.dtype or "float32", shape, tuple(b.chunks))
+                elif sname in scalars:
+                    tensors[f"state.{fqn}.{sname}"] = scalars[sname][group_of[name]]
+    param_groups = []
+    raw_groups = bases[0].get("param_groups")
+    for g, pg in enumerate(raw_groups if isinstance(raw_groups, list) else []):
+        if not isinstance(pg, dict):
+            continue
+        out = {str(k): v for k, v in pg.items() if k != "params"}
+        out["params"] = [_normalise(n) for n, _ in shapes[g]] if len(shapes) == n_groups else []
+        param_groups.append(out)
+    skipped = sorted(set(names) - set(flat_names) - set(scalar_names))
+    notes = [f"optimizer state from the {layout.world} ZeRO-{layout.stage} rank partitions"]
+    if skipped:
+        notes.append("optimizer state left out (not a flat partition or a scalar): " +
+                     ", ".join(skipped))  # fmt: skip
+    return ZeroOptimizer(tensors, param_groups, notes)

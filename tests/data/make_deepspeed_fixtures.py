@@ -19,7 +19,10 @@ The model covers what the reader must handle:
 Beside each run: ``ref/zero_to_fp32.safetensors`` (DeepSpeed's own
 ``get_fp32_state_dict_from_zero_checkpoint`` on the run, each tensor cloned),
 ``ref/module.safetensors`` (ZeRO 1/2: ``engine.module.state_dict()`` on rank 0 after the last
-step; 16-bit params under bf16) and ``meta.json``. ``OUT/done.json`` is written last.
+step; 16-bit params under bf16), ``ref/optimizer.safetensors`` (``state.<name>.exp_avg`` and
+``.exp_avg_sq`` of every trainable parameter from DeepSpeed's own
+``deepspeed.utils.safe_get_full_optimizer_state`` after the last step) and ``meta.json``.
+``OUT/done.json`` is written last.
 
 DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op at ``init_distributed``
 (``deepspeed.comm.torch.build_shm_op``: ~35 s with a C++ compiler, and its vector kernels need
@@ -128,6 +131,25 @@ def _train_and_save(root: Path, name: str, stage: int, bf16: bool, tied: bool, s
         engine.backward(loss)
         engine.step()
         engine.save_checkpoint(str(save_dir), tag=f"global_step{step}")
+    # DeepSpeed's own view of the full (unpartitioned) Adam moments: a collective under ZeRO-3
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        # ZeRO 1/2 link each parameter to its optimizer state once, right after the first
+        # group's first step, when later groups have no state yet (their fragments stay {});
+        # link again now that every group has stepped (DeepSpeed's own linking function)
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+    moments: dict[str, torch.Tensor] = {}
+    for pname, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            full = safe_get_full_optimizer_state(p, key)
+            if full is None:
+                raise SystemExit(f"{name}: no {key} for {pname}")
+            moments[f"state.{pname}.{key}"] = full.detach().clone().contiguous()
     if dist.get_rank() == 0:
         from safetensors.torch import save_file
 
@@ -139,6 +161,7 @@ def _train_and_save(root: Path, name: str, stage: int, bf16: bool, tied: bool, s
                 {k: v.detach().clone().contiguous() for k, v in state.items()},
                 str(ref / "module.safetensors"),
             )
+        save_file(moments, str(ref / "optimizer.safetensors"))
         hf = root / name / f"global_step{steps}_hf"  # OpenRLHF --ckpt.save_hf folder (config only)
         _config(tied).save_pretrained(hf)
     dist.barrier()
@@ -166,6 +189,12 @@ def _worker(rank: int, port: int, root: str) -> None:
     try:
         for name, (stage, bf16, tied, steps) in CASES.items():
             _train_and_save(Path(root), name, stage, bf16, tied, steps)
+    except BaseException:  # the peer would wait forever in a collective: fail loudly, now
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         import torch.distributed as dist
 
