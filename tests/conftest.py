@@ -160,6 +160,20 @@ def assert_bit_equal(got: Any, want: Any, name: str = "") -> None:
     assert raw_bytes(got) == raw_bytes(want), f"{name}: bytes differ"
 
 
+def ulps(a: Any, b: Any) -> int:
+    """The largest distance in units in the last place between two float tensors."""
+    import torch
+
+    def ordered(t: Any) -> Any:  # float bits as integers ordered like the values
+        bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[t.dtype]
+        i = t.contiguous().view(bits).to(torch.int64)
+        top = 1 << (torch.finfo(t.dtype).bits - 1)
+        return torch.where(i < 0, -(i + top), i)
+
+    assert a.dtype == b.dtype and a.shape == b.shape
+    return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
+
+
 def load_output(folder: Path) -> dict[str, Any]:
     """Every tensor of every ``*.safetensors`` file in ``folder`` (duplicates are an error)."""
     from safetensors.torch import load_file

@@ -19,6 +19,7 @@ from typing import Any
 import fastckpt
 import pytest
 import torch
+from conftest import ulps
 from fastckpt import FormatError
 from fastckpt.zero import range_boxes
 from hypothesis import given, settings
@@ -319,6 +320,33 @@ def test_optimizer_matches_deepspeed(ds_root: Path, case: str, tmp_path: Path) -
     params = sorted(f"state.{p}" for g in doc["param_groups"] for p in g["params"])
     assert params == trainable
     assert [g["weight_decay"] for g in doc["param_groups"]] == [0.01, 0.0]
+
+
+def test_lora_merge_from_zero(ds_root: Path, tmp_path: Path) -> None:
+    """A PEFT LoRA model trained under ZeRO-2 (fp32): --lora merge equals PEFT's own
+    merge_and_unload within 1 ulp; every other tensor bit for bit; --lora strip gives the base."""
+    case_dir = ds_root / "z2_lora_fp32"
+    want = load_file(str(case_dir / "ref" / "peft_merged.safetensors"))
+    out = tmp_path / "merged"
+    fastckpt.convert(case_dir, out, lora="merge", lora_alpha=8, fsync=False)
+    got = _load_out(out)
+    assert sorted(got) == sorted(want)
+    fp32 = _reference(case_dir)  # zero_to_fp32 on the same run: PEFT names
+    merged = 0
+    for name, value in want.items():
+        base = f"base_model.model.{name.removesuffix('.weight')}.base_layer.weight"
+        if base in fp32:
+            merged += 1
+            assert ulps(got[name], value) <= 1, name
+            assert not torch.equal(got[name], fp32[base]), name
+        else:
+            _assert_same(got[name], value, name)
+    assert merged == 4  # q_proj, v_proj of two layers
+    strip = tmp_path / "strip"
+    fastckpt.convert(case_dir, strip, lora="strip", fsync=False)
+    base_only = _load_out(strip)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    _assert_same(base_only[q], fp32[f"base_model.model.{q[:-7]}.base_layer.weight"], q)
 
 
 # ---------------------------------------------------------------------------------------------

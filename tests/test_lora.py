@@ -15,7 +15,7 @@ from typing import Any
 import fastckpt
 import pytest
 import torch
-from conftest import assert_bit_equal, load_output
+from conftest import assert_bit_equal, load_output, ulps
 from fastckpt import FastckptError, MappingError, ShapeError
 from fastckpt.cli import app
 from safetensors.torch import load_file
@@ -31,19 +31,6 @@ RS_SOURCES = {
     "verl": ("verl", {}),
     "full": ("full/pytorch_model.bin", {"lora_alpha": 8, "lora_rslora": True}),
 }
-
-
-def _ordered(t: torch.Tensor) -> torch.Tensor:
-    """Float bits as integers ordered like the values (distance = ulps)."""
-    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[t.dtype]
-    i = t.contiguous().view(bits).to(torch.int64)
-    top = 1 << (torch.finfo(t.dtype).bits - 1)
-    return torch.where(i < 0, -(i + top), i)
-
-
-def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    return int((_ordered(a) - _ordered(b)).abs().max()) if a.numel() else 0
 
 
 def _src(root: Path, case: str, rel: str) -> Path:

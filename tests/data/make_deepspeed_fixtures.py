@@ -14,7 +14,10 @@ The model covers what the reader must handle:
 - two optimizer parameter groups (decay / no decay, as OpenRLHF builds them);
 - a frozen parameter (``model.layers.0.mlp.up_proj.weight``);
 - tied embeddings (``lm_head.weight`` is a ``shared_params`` alias of the embedding);
-- persistent buffers, one float and one int64.
+- persistent buffers, one float and one int64;
+- ``z2_lora_fp32``: the same model wrapped by PEFT (``LoraConfig(r=4, lora_alpha=8)`` on q/v,
+  as OpenRLHF's ``--lora_rank`` does), trained under ZeRO-2; its reference is PEFT's own
+  ``merge_and_unload()`` of the trained module (``ref/peft_merged.safetensors``).
 
 Beside each run: ``ref/zero_to_fp32.safetensors`` (DeepSpeed's own
 ``get_fp32_state_dict_from_zero_checkpoint`` on the run, each tensor cloned),
@@ -63,7 +66,11 @@ CASES: dict[str, tuple[int, bool, bool, int]] = {
     "z3_bf16": (3, True, True, 1),
     "z2_fp32": (2, False, False, 1),
     "z3_fp32": (3, False, False, 1),
+    "z2_lora_fp32": (2, False, False, 1),
 }
+#: cases trained as a PEFT LoRA model (OpenRLHF --lora_rank): r=4, alpha=8 on q/v projections
+LORA_CASES = {"z2_lora_fp32"}
+LORA_ALPHA = 8
 
 
 def _config(tied: bool) -> Any:
@@ -87,7 +94,7 @@ def _config(tied: bool) -> Any:
     return config
 
 
-def _model(tied: bool) -> Any:
+def _model(tied: bool, lora: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(SEED)
@@ -95,6 +102,15 @@ def _model(tied: bool) -> Any:
     model.model.register_buffer("fixture_scale", torch.linspace(0.5, 2.5, 5))
     model.model.register_buffer("fixture_count", torch.arange(3, dtype=torch.int64) + 7)
     model.get_parameter(FROZEN).requires_grad_(False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=4, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(model, cfg)
+        for name, p in model.named_parameters():  # B starts at 0: make the merge visible
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
     return model
 
 
@@ -112,7 +128,8 @@ def _train_and_save(root: Path, name: str, stage: int, bf16: bool, tied: bool, s
     import deepspeed
     import torch.distributed as dist
 
-    model = _model(tied)
+    lora = name in LORA_CASES
+    model = _model(tied, lora)
     optimizer = torch.optim.AdamW(_param_groups(model), lr=1e-2)
     ds_config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 2,
@@ -142,7 +159,7 @@ def _train_and_save(root: Path, name: str, stage: int, bf16: bool, tied: bool, s
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
     moments: dict[str, torch.Tensor] = {}
-    for pname, p in engine.module.named_parameters():
+    for pname, p in ([] if lora else engine.module.named_parameters()):
         if not p.requires_grad:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
@@ -161,7 +178,16 @@ def _train_and_save(root: Path, name: str, stage: int, bf16: bool, tied: bool, s
                 {k: v.detach().clone().contiguous() for k, v in state.items()},
                 str(ref / "module.safetensors"),
             )
-        save_file(moments, str(ref / "optimizer.safetensors"))
+        if lora:  # PEFT's own merge of the trained adapters (fp32 under ZeRO-2: the masters)
+            import copy
+
+            merged = copy.deepcopy(engine.module).merge_and_unload().state_dict()
+            save_file(
+                {k: v.detach().clone().contiguous() for k, v in merged.items()},
+                str(ref / "peft_merged.safetensors"),
+            )
+        else:
+            save_file(moments, str(ref / "optimizer.safetensors"))
         hf = root / name / f"global_step{steps}_hf"  # OpenRLHF --ckpt.save_hf folder (config only)
         _config(tied).save_pretrained(hf)
     dist.barrier()
