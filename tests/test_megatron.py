@@ -5,7 +5,9 @@ in a venv under /tmp that adds megatron-core 0.16.1 (einops, psutil) on top of t
 torch and transformers; it saves tiny Llama / Qwen2 / Qwen3 models at TP=2, TP=2 x PP=2 and PP=2
 with virtual pipeline, fp32 and bf16, tied and untied, and tiny Mixtral / Qwen2-MoE (gated shared
 expert) / Qwen3-MoE models at EP=2, TP=2 x EP=2, TP=2 x ETP=1 x EP=2 and PP=2 x EP=2, in both
-formats, after checking Megatron's own TP/EP forward against the HF logits. Set
+formats, and tiny DeepSeek-V3 models (multi-latent attention, with and without ``q_lora_rank``;
+a dense first layer, then sigmoid routing with expert bias and a shared expert) at TP=2 (x EP=2),
+after checking Megatron's own TP/EP forward against the HF logits. Set
 ``FASTCKPT_MEGATRON_FIXTURES=/dir`` to keep them.
 """
 
@@ -47,6 +49,8 @@ CASES = [
     "qwen3_moe_fp32_tp2etp1ep2",
     "qwen3_moe_bf16_ep2",
     "qwen3_moe_fp32_pp2ep2",
+    "deepseek_v3_fp32_tp2ep2",
+    "deepseek_v3_noqlora_fp32_tp2",
 ]
 FORMATS = ["legacy", "dist"]
 
@@ -285,3 +289,18 @@ def test_moe_arch_mismatch(mroot: Path, tmp_path: Path) -> None:
     with pytest.raises(MappingError, match=r"Qwen2MoeForCausalLM config.json: no gated shared"):
         _convert(mroot / "mixtral_fp32_ep2" / "dist", tmp_path / "c", arch="qwen2_moe")
     assert not [p for p in tmp_path.iterdir() if p.name in ("a", "b", "c")]
+
+
+def test_deepseek_v3_mla(mroot: Path, tmp_path: Path) -> None:
+    """MLA down projections (column-split by the local spec) merge whole; the fp32 expert bias
+    becomes ``e_score_correction_bias``; no config.json is derived for DeepSeek-V3."""
+    src = mroot / "deepseek_v3_fp32_tp2ep2" / "legacy" / "iter_0000010"
+    info = {t.name: t for t in fastckpt.inspect(src).tensors}
+    assert info["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].shape == (40, 64)
+    assert info["model.layers.0.self_attn.q_a_proj.weight"].shape == (48, 64)
+    assert "model.layers.0.mlp.gate_proj.weight" in info  # first_k_dense_replace=1
+    bias = info["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert (bias.dtype, bias.shape) == ("F32", (4,))
+    noq = fastckpt.inspect(mroot / "deepseek_v3_noqlora_fp32_tp2" / "dist" / "iter_0000010")
+    assert "model.layers.1.self_attn.q_proj.weight" in {t.name for t in noq.tensors}
+    _fails(src, tmp_path, MappingError, r"cannot derive a DeepseekV3ForCausalLM config\.json")

@@ -252,7 +252,8 @@ def convert(
     else:
         side = find_side_files(cat.side_dirs)
     config = side.config
-    derived = getattr(cat.reader, "derived_config", None)  # Megatron: a config from its args
+    # Megatron: a config from its args (made, and maybe refused, only when it is needed)
+    derived = getattr(cat.reader, "derived_config", None) if copy_files and config is None else None
     write_derived = copy_files and config is None and isinstance(derived, dict)
     if write_derived and isinstance(derived, dict):
         config = derived

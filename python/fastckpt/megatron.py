@@ -21,6 +21,7 @@ boxes, so the Rust core copies straight from the mapped rank files. Format facts
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -87,6 +88,10 @@ class Arch:
         shared_config: the ``config.json`` key of the (required) shared-expert FFN size.
         dense_layers: the ``config.json`` key listing dense (router-less) layers; None where every
             layer must be MoE.
+        attention: renames of ``self_attention.X.weight`` to ``self_attn.Y.weight`` that replace
+            the fused-QKV rules (MLA).
+        router_bias: HF name (under ``{moe}.gate.``) of ``mlp.router.expert_bias``.
+        derive: whether a ``config.json`` can be derived from ``args``.
     """
 
     architecture: str
@@ -100,7 +105,22 @@ class Arch:
     norm_topk: str | None = "norm_topk_prob"
     shared_config: str | None = None
     dense_layers: str | None = "mlp_only_layers"
+    attention: tuple[tuple[str, str], ...] = ()
+    router_bias: str | None = None
+    derive: bool = True
 
+
+#: Multi-latent attention (DeepSeek-V2/V3): direct copies, no rope permutation (megatron-core
+#: de-interleaves the rope dims itself, as HF ``rope_interleave=True`` does)
+_MLA = (
+    ("linear_q_down_proj", "q_a_proj"),
+    ("q_layernorm", "q_a_layernorm"),
+    ("linear_q_up_proj", "q_b_proj"),
+    ("linear_q_proj", "q_proj"),
+    ("linear_kv_down_proj", "kv_a_proj_with_mqa"),
+    ("kv_layernorm", "kv_a_layernorm"),
+    ("linear_kv_up_proj", "kv_b_proj"),
+)
 
 ARCHS: dict[str, Arch] = {
     "llama": Arch("LlamaForCausalLM", "llama"),
@@ -130,6 +150,15 @@ ARCHS: dict[str, Arch] = {
         "qwen3_moe",
         moe="mlp",
         moe_config=("num_experts", "moe_intermediate_size"),
+    ),
+    "deepseek_v3": Arch(
+        "DeepseekV3ForCausalLM",
+        "deepseek_v3",
+        moe="mlp",
+        shared="mlp.shared_experts",
+        attention=_MLA,
+        router_bias="e_score_correction_bias",
+        derive=False,
     ),
 }
 
@@ -744,6 +773,8 @@ def detect_arch(args: Args, config: dict[str, Any] | None) -> str:
                     return key
     experts = args.int("num_experts", 0) or args.int("num_moe_experts", 0)
     qk_norm = bool(args.get("qk_layernorm", False))
+    if args.get("multi_latent_attention", False):
+        return "deepseek_v3"
     if experts:
         if args.get("moe_shared_expert_intermediate_size") or args.get("add_qkv_bias", False):
             return "qwen2_moe"
@@ -836,6 +867,15 @@ def _map(canon: dict[str, Canon], arch: Arch, d: _Dims, source: str) -> list[_Ou
         layer_rules["mlp.shared_experts.linear_fc2.weight"] = lambda p, c: copy(
             f"{p}{sh}.down_proj.weight", c
         )
+    if arch.router_bias is not None:
+        rb = f"{arch.moe}.gate.{arch.router_bias}"
+        layer_rules["mlp.router.expert_bias"] = lambda p, c: copy(p + rb, c)
+
+    def rename(hf: str) -> Callable[[str, Canon], None]:
+        return lambda p, c: copy(f"{p}self_attn.{hf}.weight", c)
+
+    for meg, hf in arch.attention:
+        layer_rules[f"self_attention.{meg}.weight"] = rename(hf)
     if arch.shared_gate is not None:
         sg = arch.shared_gate
         layer_rules["mlp.shared_experts.gate_weight"] = lambda p, c: copy(f"{p}{sg}.weight", c)
@@ -943,6 +983,12 @@ def derive_config(
         moe_layers: the global layers that hold a router (MoE families).
     """
     arch = ARCHS[arch_key]
+    if not arch.derive:
+        raise MappingError(
+            f"{args.source}: cannot derive a {arch.architecture} config.json from args (its "
+            "attention, rope and routing fields are not mapped); pass --config-from DIR (the base "
+            "model's folder)"
+        )
     experts = args.get("num_experts") or args.get("num_moe_experts")
     if arch.moe_config is not None and not experts:
         raise MappingError(
@@ -986,9 +1032,14 @@ def derive_config(
 class MegatronReader:
     """Hands out the boxes mapped at catalogue time; ``derived_config`` when no HF config."""
 
-    def __init__(self, outs: dict[str, _Out], derived_config: dict[str, Any] | None) -> None:
+    def __init__(self, outs: dict[str, _Out], derive: Callable[[], dict[str, Any]] | None) -> None:
         self._outs = outs
-        self.derived_config = derived_config
+        self._derive = derive
+
+    @property
+    def derived_config(self) -> dict[str, Any] | None:
+        """A ``config.json`` from ``args``, made on first use (it may refuse: MappingError)."""
+        return None if self._derive is None else self._derive()
 
     def locate(self, metas: list[TensorMeta]) -> list[TensorEntry]:
         return [TensorEntry(m, tuple(self._outs[m.name].chunks)) for m in metas]
@@ -1028,12 +1079,13 @@ def read_megatron(
     d = _dims(args, config, canon)
     outs = _map(canon, ARCHS[key], d, str(directory))
     notes.append(f"architecture {key}" + (" (--arch)" if arch else ""))
-    derived = None
+    derive: Callable[[], dict[str, Any]] | None = None
     if config is None:
         emb = canon.get("embedding.word_embeddings.weight")
         routers = [m.group(1) for n in canon if (m := _LAYER.match(n)) and m.group(2) == _ROUTER]
         moe_layers = sorted({int(i) for i in routers})
-        derived = derive_config(args, key, d, emb.dtype if emb else "F32", moe_layers)
+        dtype = emb.dtype if emb else "F32"
+        derive = functools.partial(derive_config, args, key, d, dtype, moe_layers)
     tensors: dict[str, TensorMeta] = {}
     by_name: dict[str, _Out] = {}
     for o in outs:
@@ -1044,7 +1096,7 @@ def read_megatron(
     return Catalogue(
         format=fmt,
         path=directory,
-        reader=MegatronReader(by_name, derived),
+        reader=MegatronReader(by_name, derive),
         tensors=tensors,
         skipped=[],
         side_dirs=side_dirs,

@@ -29,7 +29,8 @@ spec it is the legacy ``GroupedMLP``, which asserts the CUDA-only ``grouped_gemm
 TEGroupedMLP needs Transformer Engine. Small patches make megatron-core save on CPU/gloo:
 ``torch.cuda.synchronize`` is a no-op, ``torch.cuda.current_device`` returns ``"cpu"``,
 ``Tensor.cuda`` returns the tensor (tied embeddings with PP > 1), the CUDA RNG tracker's ``fork`` is
-a null context, the ``te_general_gemm`` name MoE utils lack without TE is ``None``.
+a null context, the ``te_general_gemm`` name MoE utils lack without TE is ``None``, and the
+``TELinear`` / ``TEColumnParallelLinear`` mocks MLA checks with ``isinstance`` are empty classes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ warnings.filterwarnings("ignore")
 
 H, L, NH, NG, VOCAB, FFN = 64, 4, 8, 2, 250, 96
 E, TOPK, FFN_MOE, FFN_SHARED = 4, 2, 32, 48  # MoE: experts, top-k, expert and shared-expert FFN
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MLA = ("deepseek_v3", "deepseek_v3_noqlora")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", *MLA)
+# DeepSeek-V3: 2 layers (the first dense), 4 heads, MLA ranks and head dims
+DS_L, DS_NH, Q_LORA, KV_LORA, NOPE, ROPE, V_HD = 2, 4, 48, 32, 16, 8, 16
 
 # (name, family, dtype, tied, tp, pp, vp[, ep, etp])
 CASES: list[tuple] = [
@@ -75,6 +79,10 @@ CASES: list[tuple] = [
     ("qwen3_moe_bf16_ep2", "qwen3_moe", "bfloat16", False, 1, 1, None, 2, 1),
     # PP=2 x EP=2: mp_rank_TT_PPP_EEE, stage-local layers and EP-local experts together
     ("qwen3_moe_fp32_pp2ep2", "qwen3_moe", "float32", False, 1, 2, None, 2, 1),
+    # DeepSeek-V3 (MLA, local spec: column-split down projections; layer 0 dense, layer 1 MoE with
+    # sigmoid routing, expert bias and a shared expert), with and without q_lora_rank
+    ("deepseek_v3_fp32_tp2ep2", "deepseek_v3", "float32", False, 2, 1, None, 2, 2),
+    ("deepseek_v3_noqlora_fp32_tp2", "deepseek_v3_noqlora", "float32", False, 2, 1, None),
 ]
 
 
@@ -90,6 +98,10 @@ def patch_cuda() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):  # 0.16.1 names it even without TE
         moe_utils.te_general_gemm = None
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    for te_name in ("TELinear", "TEColumnParallelLinear"):  # MagicMocks without TE
+        setattr(mla, te_name, type(f"No{te_name}", (), {}))
 
 
 def hf_model(family: str, dtype: torch.dtype, tied: bool):  # type: ignore[no-untyped-def]
@@ -137,6 +149,33 @@ def hf_model(family: str, dtype: torch.dtype, tied: bool):  # type: ignore[no-un
             moe_intermediate_size=FFN_MOE,
             norm_topk_prob=True,
         )
+    elif family in MLA:
+        cfg = tf.DeepseekV3Config(
+            # eps 1e-6 as DeepSeek's: HF's q_a/kv_a_layernorm ignore rms_norm_eps (fixed 1e-6),
+            # Megatron's q/kv_layernorm use layernorm_epsilon
+            **{
+                **common,
+                "num_hidden_layers": DS_L,
+                "num_attention_heads": DS_NH,
+                "num_key_value_heads": DS_NH,
+                "rms_norm_eps": 1e-6,
+            },
+            n_routed_experts=E,
+            n_shared_experts=1,
+            num_experts_per_tok=TOPK,
+            moe_intermediate_size=FFN_MOE,
+            routed_scaling_factor=2.5,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            q_lora_rank=Q_LORA if family == "deepseek_v3" else None,
+            kv_lora_rank=KV_LORA,
+            qk_nope_head_dim=NOPE,
+            qk_rope_head_dim=ROPE,
+            v_head_dim=V_HD,
+            rope_interleave=True,
+        )
     else:
         raise ValueError(family)
     torch.manual_seed(1234)
@@ -147,6 +186,9 @@ def hf_model(family: str, dtype: torch.dtype, tied: bool):  # type: ignore[no-un
                 p.add_(torch.rand_like(p))  # non-trivial norms
             elif name.endswith(".bias"):
                 p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)  # DeepSeek-V3 expert bias: it changes which experts win
     model = model.to(dtype).eval()
     return model
 
@@ -181,12 +223,15 @@ def megatron_global(model, family: str, pad_rows: torch.Tensor):  # type: ignore
     )
     out["output_layer.weight"] = torch.cat([head, pad_rows.to(emb.dtype)])
     out["decoder.final_layernorm.weight"] = sd["model.norm.weight"]
-    for i in range(L):
+    for i in range(model.config.num_hidden_layers):
         p = f"model.layers.{i}."
         m = f"decoder.layers.{i}."
+        for meg, hf_name in _MLA_NAMES if family in MLA else ():
+            if p + f"self_attn.{hf_name}.weight" in sd:
+                out[m + f"self_attention.{meg}.weight"] = sd[p + f"self_attn.{hf_name}.weight"]
         for suffix in ("weight", "bias"):
             q = sd.get(p + f"self_attn.q_proj.{suffix}")
-            if q is None:
+            if q is None or family in MLA:
                 continue
             k = sd[p + f"self_attn.k_proj.{suffix}"]
             v = sd[p + f"self_attn.v_proj.{suffix}"]
@@ -206,7 +251,7 @@ def megatron_global(model, family: str, pad_rows: torch.Tensor):  # type: ignore
         if family in ("qwen3", "qwen3_moe"):
             out[m + "self_attention.q_layernorm.weight"] = sd[p + "self_attn.q_norm.weight"]
             out[m + "self_attention.k_layernorm.weight"] = sd[p + "self_attn.k_norm.weight"]
-        if family in MOE:
+        if family in MOE and p + "mlp.gate.weight" in sd:
             # transformers v5 keeps experts fused in memory: gate_up_proj [E, 2F, H] = [gate; up],
             # down_proj [E, H, F] (save_pretrained writes them per expert)
             out[m + "mlp.router.weight"] = sd[p + "mlp.gate.weight"]
@@ -224,6 +269,14 @@ def megatron_global(model, family: str, pad_rows: torch.Tensor):  # type: ignore
                 )
                 out[s + "linear_fc2.weight"] = sd[p + "mlp.shared_expert.down_proj.weight"]
                 out[s + "gate_weight"] = sd[p + "mlp.shared_expert_gate.weight"]
+            if family in MLA:
+                s = f"{m}mlp.shared_experts."
+                out[s + "linear_fc1.weight"] = (
+                    sd[p + "mlp.shared_experts.gate_proj.weight"],
+                    sd[p + "mlp.shared_experts.up_proj.weight"],
+                )
+                out[s + "linear_fc2.weight"] = sd[p + "mlp.shared_experts.down_proj.weight"]
+                out[m + "mlp.router.expert_bias"] = sd[p + "mlp.gate.e_score_correction_bias"]
             continue
         out[m + "mlp.linear_fc1.weight"] = (
             sd[p + "mlp.gate_proj.weight"],
@@ -234,6 +287,16 @@ def megatron_global(model, family: str, pad_rows: torch.Tensor):  # type: ignore
 
 
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.")
+#: MLA: Megatron ``self_attention.X`` <- HF ``self_attn.Y`` (direct copies, no rope permutation)
+_MLA_NAMES = (
+    ("linear_q_down_proj", "q_a_proj"),
+    ("q_layernorm", "q_a_layernorm"),
+    ("linear_q_up_proj", "q_b_proj"),
+    ("linear_q_proj", "q_proj"),
+    ("linear_kv_down_proj", "kv_a_proj_with_mqa"),
+    ("kv_layernorm", "kv_a_layernorm"),
+    ("linear_kv_up_proj", "kv_b_proj"),
+)
 
 
 def moe_config(family: str) -> dict:
@@ -252,7 +315,46 @@ def moe_config(family: str) -> dict:
     )
     if family == "qwen2_moe":
         cfg.update(moe_shared_expert_intermediate_size=FFN_SHARED, moe_shared_expert_gate=True)
+    if family in MLA:  # DeepSeek-V3: sigmoid scores, expert bias for the choice, scaled top-k
+        cfg.update(
+            moe_shared_expert_intermediate_size=FFN_MOE,
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_topk_scaling_factor=2.5,
+            moe_layer_freq=[0] + [1] * (DS_L - 1),
+        )
     return cfg
+
+
+def mla_config(family: str) -> dict:
+    """MLATransformerConfig fields (plain rope: HF ``rope_scaling`` is None)."""
+    if family not in MLA:
+        return {}
+    return dict(
+        q_lora_rank=Q_LORA if family == "deepseek_v3" else None,
+        kv_lora_rank=KV_LORA,
+        qk_head_dim=NOPE,
+        qk_pos_emb_head_dim=ROPE,
+        v_head_dim=V_HD,
+        rope_type="rope",
+        rotary_base=10000,
+        qk_layernorm=True,
+    )
+
+
+class SDPA(torch.nn.Module):
+    """Causal core attention for MLA: the local ``DotProductAttention`` takes no ``k_channels``
+    (MLA's q/k head dim differs from v's), and TE's is not installed."""
+
+    def __init__(self, config, layer_number, *args, softmax_scale=None, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 def shard(name: str, value, tp: int, rank: int):  # type: ignore[no-untyped-def]
@@ -260,9 +362,9 @@ def shard(name: str, value, tp: int, rank: int):  # type: ignore[no-untyped-def]
     if isinstance(value, tuple):  # gated fc1: rank r holds [gate_r; up_r]
         gate, up = value
         return torch.cat([gate.chunk(tp)[rank], up.chunk(tp)[rank]])
-    if name.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight")) or (
-        name == "output_layer.weight"
-    ):
+    column = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "q_proj.weight",
+              "down_proj.weight", "up_proj.weight")  # fmt: skip
+    if name.endswith(column) or name == "output_layer.weight":
         return value.chunk(tp)[rank]
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return value.chunk(tp, dim=1)[rank]
@@ -272,9 +374,15 @@ def shard(name: str, value, tp: int, rank: int):  # type: ignore[no-untyped-def]
 def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-untyped-def]
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+    )
     from megatron.core.transformer.enums import AttnBackend
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig,
+        TransformerConfig,
+    )
 
     name, family, dtype_name, tied, tp, pp, vp, *moe_par = case
     ep, etp = moe_par or (1, tp)
@@ -301,20 +409,28 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
     pad_rows = torch.randn(padded - VOCAB, H, generator=gen)
     glob = megatron_global(hf, family, pad_rows)
 
-    config = TransformerConfig(
-        num_layers=L,
+    mla = family in MLA
+    layers = hf.config.num_hidden_layers
+    heads = hf.config.num_attention_heads
+    attn = (
+        mla_config(family)
+        if mla
+        else dict(
+            num_query_groups=NG, kv_channels=hd, qk_layernorm=family in ("qwen3", "qwen3_moe")
+        )
+    )
+    config = (MLATransformerConfig if mla else TransformerConfig)(
+        num_layers=layers,
         hidden_size=H,
-        num_attention_heads=NH,
-        num_query_groups=NG,
-        kv_channels=hd,
+        num_attention_heads=heads,
+        **attn,
         ffn_hidden_size=FFN,
         gated_linear_unit=True,
         activation_func=F.silu,
         normalization="RMSNorm",
-        layernorm_epsilon=1e-5,
+        layernorm_epsilon=hf.config.rms_norm_eps,
         add_bias_linear=False,
         add_qkv_bias=family in ("qwen2", "qwen2_moe"),
-        qk_layernorm=family in ("qwen3", "qwen3_moe"),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
@@ -329,12 +445,19 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    spec = get_gpt_layer_local_spec(
-        num_experts=E if moe else None,
-        moe_grouped_gemm=False,  # local-spec grouped GEMM needs the CUDA grouped_gemm package
-        normalization="RMSNorm",
-        qk_layernorm=family in ("qwen3", "qwen3_moe"),
-    )
+    if mla:  # per-layer specs (dense first layer), the MLA core attention swapped for SDPA
+        spec = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization="RMSNorm"
+        )
+        for layer_spec in spec.layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = SDPA
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=E if moe else None,
+            moe_grouped_gemm=False,  # local-spec grouped GEMM needs the CUDA grouped_gemm package
+            normalization="RMSNorm",
+            qk_layernorm=family in ("qwen3", "qwen3_moe"),
+        )
     stages = list(range(vp)) if vp else [None]
     models = []
     for v in stages:
@@ -399,17 +522,21 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
             print(f"{name}: megatron vs hf max |dlogit| = {diff:.2e}", flush=True)
 
     case_dir = out_root / name
+    mla_args = {
+        k: getattr(config, k, None)
+        for k in ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+    }
     args = argparse.Namespace(
-        num_layers=L,
+        num_layers=layers,
         hidden_size=H,
         ffn_hidden_size=FFN,
-        num_attention_heads=NH,
-        group_query_attention=True,
-        num_query_groups=NG,
-        kv_channels=hd,
+        num_attention_heads=heads,
+        group_query_attention=not mla,
+        num_query_groups=NG if not mla else heads,
+        kv_channels=hd if not mla else None,
         swiglu=True,
         normalization="RMSNorm",
-        layernorm_epsilon=1e-5,
+        layernorm_epsilon=hf.config.rms_norm_eps,
         padded_vocab_size=padded,
         vocab_size=VOCAB,
         make_vocab_size_divisible_by=128,
@@ -421,18 +548,20 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         seq_length=128,
         add_bias_linear=False,
         add_qkv_bias=family in ("qwen2", "qwen2_moe"),
-        qk_layernorm=family in ("qwen3", "qwen3_moe"),
-        num_experts=E if moe else None,
-        moe_ffn_hidden_size=FFN_MOE if moe else None,
-        moe_router_topk=TOPK,
-        moe_shared_expert_intermediate_size=FFN_SHARED if family == "qwen2_moe" else None,
-        moe_shared_expert_gate=family == "qwen2_moe",
-        moe_router_pre_softmax=family == "qwen2_moe",
-        moe_router_score_function="softmax",
-        moe_router_topk_scaling_factor=None,
-        moe_router_enable_expert_bias=False,
-        moe_router_num_groups=None,
-        moe_layer_freq=1,
+        qk_layernorm=config.qk_layernorm,
+        multi_latent_attention=mla,
+        **mla_args,
+        num_experts=config.num_moe_experts,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+        moe_router_topk=config.moe_router_topk,
+        moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=config.moe_shared_expert_gate,
+        moe_router_pre_softmax=config.moe_router_pre_softmax,
+        moe_router_score_function=config.moe_router_score_function,
+        moe_router_topk_scaling_factor=config.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=config.moe_router_enable_expert_bias,
+        moe_router_num_groups=config.moe_router_num_groups,
+        moe_layer_freq=config.moe_layer_freq,
         moe_grouped_gemm=False,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
