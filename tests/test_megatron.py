@@ -189,19 +189,26 @@ def test_inspect_and_cli_arch(mroot: Path, tmp_path: Path) -> None:
 
 
 def test_converts_without_torch(mroot: Path, tmp_path: Path) -> None:
-    code = (
-        "import sys\n"
-        "for m in ('torch', 'megatron', 'transformer_engine'): sys.modules[m] = None\n"
-        "import fastckpt\n"
-        f"fastckpt.convert({str(mroot / 'llama_tied_fp32_tp2pp2' / 'legacy')!r}, "
-        f"{str(tmp_path / 'o')!r}, fsync=False)\n"
-        f"fastckpt.convert({str(mroot / 'llama_tied_fp32_tp2pp2' / 'dist')!r}, "
-        f"{str(tmp_path / 'p')!r}, fsync=False)\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
-    hf = (mroot / "llama_tied_fp32_tp2pp2" / "hf" / "model.safetensors").read_bytes()
-    assert (tmp_path / "o" / "model.safetensors").read_bytes() == hf
-    assert (tmp_path / "p" / "model.safetensors").read_bytes() == hf
+    """torch, megatron and TE blocked; config derived from args except for DeepSeek-V3."""
+    runs = [
+        ("llama_tied_fp32_tp2pp2", "legacy", False),
+        ("llama_tied_fp32_tp2pp2", "dist", False),
+        ("qwen3_moe_fp32_tp2etp1ep2", "legacy", False),
+        ("deepseek_v3_fp32_tp2ep2", "dist", True),
+    ]
+    lines = [
+        "import sys",
+        "for m in ('torch', 'megatron', 'transformer_engine'): sys.modules[m] = None",
+        "import fastckpt",
+    ]
+    for i, (case, fmt, with_config) in enumerate(runs):
+        src, out = str(mroot / case / fmt), str(tmp_path / str(i))
+        cfg = str(mroot / case / "hf") if with_config else None
+        lines.append(f"fastckpt.convert({src!r}, {out!r}, config_from={cfg!r}, fsync=False)")
+    subprocess.run([sys.executable, "-c", "\n".join(lines)], check=True)
+    for i, (case, _, _) in enumerate(runs):
+        hf = (mroot / case / "hf" / "model.safetensors").read_bytes()
+        assert (tmp_path / str(i) / "model.safetensors").read_bytes() == hf
 
 
 # ------------------------------------------------------------------------------ bad input
