@@ -117,6 +117,24 @@ def load_metadata(directory: Path) -> Metadata:
     )
 
 
+#: what to do with a checkpoint whose items went through stream transforms
+_DECOMPRESS_HINT = (
+    "let torch undo the transforms first (python -m torch.distributed.checkpoint.format_utils "
+    "dcp_to_torch SRC full.pt), then convert full.pt"
+)
+
+
+def describe_transforms(descriptors: Any) -> str:
+    """Name the stream transforms of a ``_StorageInfo`` (``['stream.zstd/1']``) for a message."""
+    descs = [str(d) for d in descriptors]
+    known = {"stream.zstd": "ZStandard-compressed"}
+    kinds = [known.get(d.split("/", 1)[0].split("@", 1)[0], "") for d in descs]
+    if all(kinds) and len(set(kinds)) == 1:
+        what = f"{kinds[0]} (DCP transform {', '.join(descs)}, written by FileSystemWriter("
+        return what + "_extensions=[ZStandard()]))"
+    return f"stored through DCP stream transforms {descs}"
+
+
 def normalise_name(name: str) -> str:
     """Drop module-wrapper components (``_fsdp_wrapped_module.``, ``_orig_mod.``, ``module.``)."""
     name = _WRAPPER_PARTS.sub("", name)
@@ -222,6 +240,14 @@ def read_dcp(directory: Path) -> Catalogue:
     notes = []
     if wrapper:
         notes.append(f"model weights under {'.'.join(map(str, wrapper))}.")
+    transforms = sorted(
+        {str(d) for info in md.storage_data.values() for d in info.transform_descriptors or ()}
+    )
+    if transforms:
+        notes.append(
+            f"items are {describe_transforms(transforms)}: tensors cannot be read; "
+            f"{_DECOMPRESS_HINT}."
+        )
     return Catalogue(
         format="dcp",
         path=directory,
@@ -258,9 +284,10 @@ class DcpReader:
                     )
                 if info.transform_descriptors:
                     raise FormatError(
-                        f"{self.directory}: tensor {meta.key!r} is stored with transforms "
-                        f"{list(info.transform_descriptors)} (e.g. ZStandard compression); "
-                        "fastckpt reads only uncompressed DCP items"
+                        f"{self.directory / str(info.relative_path)}: tensor {meta.key!r} is "
+                        f"{describe_transforms(info.transform_descriptors)}; fastckpt copies "
+                        "tensor bytes straight from uncompressed DCP items and cannot read it: "
+                        f"{_DECOMPRESS_HINT}"
                     )
                 by_file[str(info.relative_path)].append(
                     (int(info.offset), int(info.length), meta, chunk)
