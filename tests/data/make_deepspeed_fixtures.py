@@ -159,7 +159,7 @@ def _train_and_save(root: Path, name: str, stage: int, bf16: bool, tied: bool, s
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
     moments: dict[str, torch.Tensor] = {}
-    for pname, p in ([] if lora else engine.module.named_parameters()):
+    for pname, p in [] if lora else engine.module.named_parameters():
         if not p.requires_grad:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
