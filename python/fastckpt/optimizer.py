@@ -38,8 +38,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fastckpt import _core
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
@@ -99,6 +97,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def _scalar(entry: TensorEntry) -> float:
+    import numpy as np
+
     out = np.empty(1, dtype=np.float64)
     _core.gather(entry.source(), "F64", out)
     return float(out[0])
@@ -109,6 +109,8 @@ def _step(entries: list[TensorEntry]) -> int | float | None:
     if not steps:
         return None
     if any(e.meta.dtype not in ("F64", "F32", "F16", "BF16") for e in steps):
+        import numpy as np
+
         values = []
         for e in steps:
             raw = np.empty(_core.dtype_size(e.meta.dtype), dtype=np.uint8)
