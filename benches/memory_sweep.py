@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     out = runs / "sweep-out"
     base = SIZES["M"]
     print("machine:", machine_line(runs))
-    print(f"| model | tensor bytes | --max-shard-size | files | wall s | {TIMES} cp | peak anon MiB |")
+    cols = ["model", "tensor bytes", "--max-shard-size", "files", "wall s", f"{TIMES} cp",
+            "peak anon MiB"]  # fmt: skip
+    print("| " + " | ".join(cols) + " |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for layers in args.layers:
         shape = ModelShape(base.hidden, layers, base.vocab, base.ffn)
