@@ -46,36 +46,42 @@ ALL_DCP = [
 WITH_GLOBAL_METADATA = [cv for cv in ALL_DCP if cv[1] != "dcp_nocoll"]
 
 
-def _generate(out: Path) -> None:
+def run_generator(script: Path, out: Path, *, timeout: int = 900) -> None:
+    """Run a fixture generator (``script OUT``) under this Python, one thread per process; it
+    writes ``OUT/done.json`` last. A failure raises with the tail of its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run(
-        [sys.executable, str(GENERATOR), str(out)],
+        [sys.executable, "-W", "ignore", str(script), str(out)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     )
     if proc.returncode != 0 or not (out / "done.json").exists():
         raise RuntimeError(
-            f"fixture generator failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-8000:]}"
+            f"fixture generator {script.name} failed (rc={proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
+
+
+def generated(
+    factory: pytest.TempPathFactory, name: str, script: Path, *, keep_env: str, timeout: int = 900
+) -> Path:
+    """The folder ``script`` fills: a fresh temporary one, or ``$keep_env`` (kept between
+    sessions; generated only when it has no ``done.json`` yet)."""
+    keep = os.environ.get(keep_env)
+    root = Path(keep) if keep else factory.mktemp(name)
+    if not (root / "done.json").exists():
+        root.mkdir(parents=True, exist_ok=True)
+        run_generator(script, root, timeout=timeout)
+    return root
 
 
 @pytest.fixture(scope="session")
 def fixtures_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder holding every generated case (``<root>/<case>/...``)."""
-    keep = os.environ.get("FASTCKPT_FIXTURES")
-    if keep:
-        root = Path(keep)
-        if not (root / "done.json").exists():
-            root.mkdir(parents=True, exist_ok=True)
-            _generate(root)
-        return root
-    root = tmp_path_factory.mktemp("fixtures")
-    _generate(root)
-    return root
+    return generated(tmp_path_factory, "fixtures", GENERATOR, keep_env="FASTCKPT_FIXTURES")
 
 
 @dataclass
@@ -274,23 +280,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def lora_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    keep = os.environ.get("FASTCKPT_LORA_FIXTURES")
-    root = Path(keep) if keep else tmp_path_factory.mktemp("lora")
-    if (root / "done.json").exists():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", str(HERE / "data" / "make_lora_fixtures.py"), str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    script = HERE / "data" / "make_lora_fixtures.py"
+    return generated(
+        tmp_path_factory, "lora", script, keep_env="FASTCKPT_LORA_FIXTURES", timeout=600
     )
-    if proc.returncode != 0 or not (root / "done.json").exists():
-        raise RuntimeError(
-            f"LoRA fixture generator failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-8000:]}"
-        )
-    return root

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import fastckpt
 import pytest
-from conftest import assert_bit_equal, load_output
+from conftest import assert_bit_equal, generated, load_output
 
 HERE = Path(__file__).parent
 GENERATOR = HERE / "data" / "make_dcp_variants.py"
@@ -33,22 +33,13 @@ ZSTD_MAGIC = bytes.fromhex("28b52ffd")
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dcp_variants")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run(
-        [sys.executable, str(GENERATOR), str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
+    return generated(
+        tmp_path_factory,
+        "dcp_variants",
+        GENERATOR,
+        keep_env="FASTCKPT_VARIANT_FIXTURES",
         timeout=600,
-        check=False,
     )
-    if proc.returncode != 0 or not (root / "done.json").exists():
-        raise RuntimeError(
-            f"variant generator failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
-            f"{proc.stderr[-8000:]}"
-        )
-    return root
 
 
 def _expected(root: Path, case: str) -> dict[str, object]:

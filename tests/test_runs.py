@@ -8,15 +8,13 @@ per-rank ``torch.save``), one per framework layout: steps 10..40 with different 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import fastckpt
 import pytest
+from conftest import generated
 from fastckpt.cli import app
 from fastckpt.runs import is_run_dir, resolve_source, scan_run
 from typer.testing import CliRunner
@@ -29,18 +27,9 @@ ALL_RUNS = ["nemo", "verl", "rlinf", "prime", "openrlhf"]
 
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("runs")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run(
-        [sys.executable, str(GENERATOR), str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    return generated(
+        tmp_path_factory, "runs", GENERATOR, keep_env="FASTCKPT_RUNS_FIXTURES", timeout=600
     )
-    assert proc.returncode == 0 and (root / "done.json").exists(), proc.stderr[-4000:]
-    return root
 
 
 @pytest.fixture

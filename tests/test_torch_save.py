@@ -17,6 +17,7 @@ from typing import Any
 import fastckpt
 import pytest
 import torch
+from conftest import generated
 from fastckpt import FormatError
 from fastckpt.cli import app
 from safetensors.torch import load_file
@@ -38,26 +39,7 @@ FULL_CASES = ["rlinf_full", "bin_tied", "views", "prime_trainer"]
 
 @pytest.fixture(scope="session")
 def ts_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    keep = os.environ.get("FASTCKPT_TS_FIXTURES")
-    root = Path(keep) if keep else tmp_path_factory.mktemp("torch_save")
-    if (root / "done.json").exists():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run(
-        [sys.executable, "-W", "ignore", str(GENERATOR), str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    if proc.returncode != 0 or not (root / "done.json").exists():
-        raise RuntimeError(
-            f"torch.save fixture generator failed (rc={proc.returncode}):\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    return root
+    return generated(tmp_path_factory, "torch_save", GENERATOR, keep_env="FASTCKPT_TS_FIXTURES")
 
 
 def _meta(case_dir: Path) -> dict[str, Any]:
