@@ -180,6 +180,20 @@ def ulps(a: Any, b: Any) -> int:
     return int((ordered(a) - ordered(b)).abs().max()) if a.numel() else 0
 
 
+def flatten_tensors(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """The tensors of a nested state dict (``torch.load`` of a full checkpoint) by dotted key."""
+    import torch
+
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten_tensors(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, torch.Tensor):
+        return {prefix[:-1]: obj}
+    return {}
+
+
 def load_output(folder: Path) -> dict[str, Any]:
     """Every tensor of every ``*.safetensors`` file in ``folder`` (duplicates are an error)."""
     from safetensors.torch import load_file

@@ -18,6 +18,7 @@ from conftest import (
     WITH_GLOBAL_METADATA,
     Case,
     assert_bit_equal,
+    flatten_tensors,
     load_output,
     safetensors_header,
     sha256,
@@ -51,19 +52,6 @@ def test_every_tensor_equals_reference(
     assert report.seconds >= 0
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    import torch
-
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(obj, torch.Tensor):
-        return {prefix[:-1]: obj}
-    return {}
-
-
 @pytest.mark.parametrize(
     ("case", "variant"), WITH_GLOBAL_METADATA, ids=[f"{c}-{v}" for c, v in WITH_GLOBAL_METADATA]
 )
@@ -81,7 +69,7 @@ def test_equals_dcp_to_torch_save(
     node = full
     for part in wrapper[c.meta.get("wrapper", "nemo")]:
         node = node[part]
-    theirs = _flatten(node)
+    theirs = flatten_tensors(node)
     ours = load_output(converted(case, variant))
     for name, t in ours.items():
         assert_bit_equal(t, theirs[name], name)
@@ -491,7 +479,7 @@ def test_include_adds_training_state(
         k for k in c.out_keys if "layers.1." not in k
     )
     dcp_to_torch_save(c.dcp(), tmp_path / "full.pt")
-    full = _flatten(torch.load(tmp_path / "full.pt", weights_only=False))
+    full = flatten_tensors(torch.load(tmp_path / "full.pt", weights_only=False))
     for k in added:
         assert_bit_equal(got[k], full[k], k)
 
@@ -561,7 +549,7 @@ def test_shipped_sample_converts(tmp_path: Path, torch_single_thread: None) -> N
     dst = tmp_path / "hf"
     report = fastckpt.convert(SAMPLE / "weights", dst)
     dcp_to_torch_save(SAMPLE / "weights", tmp_path / "full.pt")
-    theirs = _flatten(torch.load(tmp_path / "full.pt", weights_only=False)["model"])
+    theirs = flatten_tensors(torch.load(tmp_path / "full.pt", weights_only=False)["model"])
     ours = load_output(dst)
     assert sorted(ours) == sorted(theirs)
     assert report.n_tensors == len(theirs)
@@ -609,6 +597,25 @@ def _state_dicts(draw: Any) -> dict[str, Any]:
             t = t[1:]
         out[name] = t
     return out
+
+
+def test_empty_tensors_share_a_shard_as_the_hub_splits(tmp_path: Path) -> None:
+    """huggingface_hub's splitter (save_pretrained's) keys tensors by storage, and every empty
+    tensor has the same one: later empty tensors join the first one's shard (found by the
+    property test below)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    sd = {"a": torch.tensor(1.5), "b": torch.tensor(2.5), "c": torch.zeros(0),
+          "aa": torch.tensor(3.5), "a.0": torch.zeros(0, 3)}  # fmt: skip
+    dcp.save({"model": sd}, checkpoint_id=tmp_path / "dcp", no_dist=True)
+    fastckpt.convert(tmp_path / "dcp", tmp_path / "out", max_shard_size=4, fsync=False)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    split = split_torch_state_dict_into_shards(sd, max_shard_size=4)
+    assert index["weight_map"] == split.tensor_to_filename
+    second = "model-00002-of-00003.safetensors"
+    assert index["weight_map"]["a.0"] == index["weight_map"]["c"] == second
 
 
 @given(sd=_state_dicts(), shard=st.integers(1, 400))

@@ -18,7 +18,7 @@ from typing import Any
 
 import fastckpt
 import pytest
-from conftest import assert_bit_equal, load_output
+from conftest import assert_bit_equal, flatten_tensors, load_output
 
 VERSIONS_DIR = Path(__file__).parent / "data" / "versions"
 VERSIONS = sorted(p.name.removeprefix("torch-") for p in VERSIONS_DIR.glob("torch-*"))
@@ -86,19 +86,6 @@ def test_converts_bit_exact(version: str, case: str, tmp_path: Path) -> None:
     assert report.n_tensors == len(want)
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    import torch
-
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(obj, torch.Tensor):
-        return {prefix[:-1]: obj}
-    return {}
-
-
 @pytest.mark.parametrize(("version", "case"), PAIRS, ids=[f"{v}-{c}" for v, c in PAIRS])
 def test_equals_installed_torch_load(version: str, case: str, tmp_path: Path) -> None:
     """The installed torch's own full load (``dcp_to_torch_save``) of the old files."""
@@ -110,7 +97,7 @@ def test_equals_installed_torch_load(version: str, case: str, tmp_path: Path) ->
     pt = tmp_path / "full.pt"
     dcp_to_torch_save(_root(version) / case, pt)
     full = torch.load(pt, weights_only=False)  # written just now by torch itself
-    want = _flatten(full["model"])
+    want = flatten_tensors(full["model"])
     dst = tmp_path / "out"
     fastckpt.convert(_root(version) / case, dst)
     got = load_output(dst)
