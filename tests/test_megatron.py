@@ -5,10 +5,12 @@ in a venv under /tmp that adds megatron-core 0.16.1 (einops, psutil) on top of t
 torch and transformers; it saves tiny Llama / Qwen2 / Qwen3 models at TP=2, TP=2 x PP=2 and PP=2
 with virtual pipeline, fp32 and bf16, tied and untied, and tiny Mixtral / Qwen2-MoE (gated shared
 expert) / Qwen3-MoE models at EP=2, TP=2 x EP=2, TP=2 x ETP=1 x EP=2 and PP=2 x EP=2, in both
-formats, and tiny DeepSeek-V3 models (multi-latent attention, with and without ``q_lora_rank``;
-a dense first layer, then sigmoid routing with expert bias and a shared expert) at TP=2 (x EP=2),
-after checking Megatron's own TP/EP forward against the HF logits. Set
-``FASTCKPT_MEGATRON_FIXTURES=/dir`` to keep them.
+formats, Qwen3-MoE with legacy GroupedMLP experts (grouped GEMM, ``weight1`` / ``weight2``; a CPU
+shim for the CUDA-only ``grouped_gemm`` kernel) at EP=2 and TP=2 x ETP=2 x EP=2, and tiny
+DeepSeek-V3 models (multi-latent attention, with and without ``q_lora_rank``; a dense first layer,
+then sigmoid routing with expert bias and a shared expert) at TP=2 (x EP=2), after checking
+Megatron's own TP/EP forward against the HF logits. Set ``FASTCKPT_MEGATRON_FIXTURES=/dir`` to
+keep them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ CASES = [
     "qwen3_moe_fp32_tp2etp1ep2",
     "qwen3_moe_bf16_ep2",
     "qwen3_moe_fp32_pp2ep2",
+    "qwen3_moe_fp32_ep2_gg",
+    "qwen3_moe_fp32_tp2ep2_gg",
     "deepseek_v3_fp32_tp2ep2",
     "deepseek_v3_noqlora_fp32_tp2",
 ]
@@ -142,6 +146,7 @@ def _logits(folder: Path) -> object:
         ("qwen2_moe_bf16_ep2", "dist"),
         ("qwen3_moe_fp32_pp2ep2", "legacy"),
         ("qwen3_moe_fp32_tp2ep2", "dist"),
+        ("qwen3_moe_fp32_tp2ep2_gg", "legacy"),
     ],
 )
 def test_derived_config_same_logits(mroot: Path, tmp_path: Path, case: str, fmt: str) -> None:
@@ -311,3 +316,25 @@ def test_deepseek_v3_mla(mroot: Path, tmp_path: Path) -> None:
     noq = fastckpt.inspect(mroot / "deepseek_v3_noqlora_fp32_tp2" / "dist" / "iter_0000010")
     assert "model.layers.1.self_attn.q_proj.weight" in {t.name for t in noq.tensors}
     _fails(src, tmp_path, MappingError, r"cannot derive a DeepseekV3ForCausalLM config\.json")
+
+
+def test_legacy_grouped_mlp(mroot: Path) -> None:
+    """Legacy GroupedMLP ``weight1`` / ``weight2`` become per-expert strided views; a buffer that is
+    not contiguous, or whose shape disagrees with args, is refused."""
+    from fastckpt.megatron import _grouped_mlp
+    from fastckpt.torch_pickle import StorageRef, TensorRef
+
+    src = mroot / "qwen3_moe_fp32_tp2ep2_gg" / "legacy" / "iter_0000010"
+    info = {t.name: t for t in fastckpt.inspect(src).tensors}
+    assert info["model.layers.3.mlp.experts.3.gate_proj.weight"].shape == (32, 64)
+    assert info["model.layers.3.mlp.experts.3.down_proj.weight"].shape == (64, 32)
+    storage = StorageRef("0", "float32", 64 * 64)
+    views = _grouped_mlp(TensorRef(storage, "float32", 0, (64, 64), (64, 1)), "1", 2, 64, "f", "k")
+    assert [(n, r.storage_offset, r.shape, r.stride) for n, r in views] == [
+        ("mlp.experts.local_experts.0.linear_fc1.weight", 0, (32, 64), (1, 32)),
+        ("mlp.experts.local_experts.1.linear_fc1.weight", 2048, (32, 64), (1, 32)),
+    ]
+    with pytest.raises(FormatError, match="expected a contiguous 2-D buffer"):
+        _grouped_mlp(TensorRef(storage, "float32", 0, (64, 64), (1, 64)), "1", 2, 64, "f", "k")
+    with pytest.raises(ShapeError, match=r"expected \[2·R, 48\]"):
+        _grouped_mlp(TensorRef(storage, "float32", 0, (64, 64), (64, 1)), "2", 2, 48, "f", "k")

@@ -9,7 +9,8 @@ Megatron tensor, with the SwiGLU ``linear_fc1`` as global ``[GATE; UP]``:
   with the restricted unpickler (``args`` and Megatron enums become inert stubs); TP/PP/EP/VP come
   from ``args``; layers are renumbered by the order of (virtual stage, pipeline rank) chunks; each
   TP shard is placed at its offset (column: dim 0, row: dim 1, gated fc1: gate and up halves
-  apart, replicated: rank 0).
+  apart, replicated: rank 0); legacy ``GroupedMLP`` ``weight1`` / ``weight2`` become one
+  transposed strided view per local expert.
 * **torch_dist** (DCP + ``metadata.json``): the DCP reader locates the global chunks; the stacked
   layer (and expert) axes are exploded into per-layer boxes.
 
@@ -53,6 +54,7 @@ _MP_RANK = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
 _GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
+_LEGACY_GROUPED = re.compile(r"^mlp\.experts\.weight([12])$")
 MAX_PICKLE_BYTES = 1 << 30
 
 #: norm aliases (TE fused names -> standalone names), ``shared/formats/megatron.md`` §3.1
@@ -345,6 +347,51 @@ def _tp_kind(name: str, gated: bool) -> str:
     return "rep"
 
 
+def _grouped_mlp(
+    ref: TensorRef, which: str, e_local: int, hidden: int, where: str, key: str
+) -> list[tuple[str, TensorRef]]:
+    """Legacy ``GroupedMLP`` ``weight1`` / ``weight2`` -> each local expert's ``[out, in]`` view.
+
+    ``weight1`` ``[H, E_loc·C]`` is the memory of ``[E_loc, H, C]`` (``C`` = 2F/ETP, or F/ETP
+    without GLU) and ``weight2`` ``[E_loc·R, H]`` that of ``[E_loc, R, H]`` (``R`` = F/ETP): expert
+    ``j`` is block ``j``, transposed (``shared/formats/megatron.md`` §3.7). Each becomes a strided
+    view of the same storage, so no bytes move until the copy.
+    """
+    shape, stride = ref.shape, ref.stride
+    if not e_local or not hidden:
+        raise FormatError(f"{where}: GroupedMLP {key!r} but args lack num_experts / hidden_size")
+    if len(shape) != 2 or tuple(stride) != (shape[1], 1):
+        raise FormatError(
+            f"{where}: GroupedMLP {key!r} is {list(shape)} with strides {list(stride)}, expected a "
+            "contiguous 2-D buffer"
+        )
+    rows, cols = shape
+    if which == "1":
+        inner = cols // e_local
+        if rows != hidden or cols % e_local:
+            raise ShapeError(
+                f"{where}: GroupedMLP {key!r} is {list(shape)}, expected [{hidden}, "
+                f"{e_local}·C] (hidden size, local experts from args)"
+            )
+        view, step, fc = (inner, hidden), (1, inner), "linear_fc1"
+    else:
+        inner = rows // e_local
+        if cols != hidden or rows % e_local:
+            raise ShapeError(
+                f"{where}: GroupedMLP {key!r} is {list(shape)}, expected [{e_local}·R, "
+                f"{hidden}] (local experts, hidden size from args)"
+            )
+        view, step, fc = (hidden, inner), (1, hidden), "linear_fc2"
+    block = inner * hidden
+    return [
+        (
+            f"mlp.experts.local_experts.{j}.{fc}.weight",
+            TensorRef(ref.storage, ref.dtype, ref.storage_offset + j * block, view, step),
+        )
+        for j in range(e_local)
+    ]
+
+
 @dataclass
 class _Shard:
     file: _File
@@ -557,6 +604,7 @@ def _read_legacy(directory: Path) -> tuple[Args, dict[str, Canon], list[str]]:
     gated = bool(args.get("swiglu", False) or args.get("gated_linear_unit", False))
     num_experts = args.int("num_experts", 0) or args.int("num_moe_experts", 0)
     e_local = num_experts // lay.ep if num_experts else 0
+    hidden = args.int("hidden_size", 0)
     down_rows = (args.int("q_lora_rank", 0), args.int("kv_lora_rank", 0) + args.int(
         "qk_pos_emb_head_dim", 0))  # fmt: skip
 
@@ -587,27 +635,38 @@ def _read_legacy(directory: Path) -> tuple[Args, dict[str, Canon], list[str]]:
                     continue
                 if not isinstance(ref, TensorRef):
                     raise FormatError(f"{f.path}: entry {key!r} is not a tensor ({ref!r})")
-                expert = False
                 m = _LAYER.match(name)
-                if m:
+                if not m:
+                    items = [(name, ref, False)]
+                else:
                     layer = int(m.group(1)) + offsets[(v, pp)]
                     rest = m.group(2)
                     g = _GROUPED_EXPERT.match(rest)
                     if g:
                         rest = f"mlp.experts.local_experts.{g.group(3)}.{g.group(1)}.{g.group(2)}"
-                    e = _LOCAL_EXPERT.match(rest)
-                    if e:
-                        expert = True
-                        if not e_local:
-                            raise FormatError(f"{f.path}: expert {key!r} but args say no experts")
-                        rest = f"mlp.experts.local_experts.{ep * e_local + int(e.group(1))}."
-                        rest += e.group(2)
-                    name = f"decoder.layers.{layer}.{rest}"
-                rank = tp % lay.etp if expert else tp
-                if any(s.rank == rank for s in shards[name]):
-                    continue  # dense tensors repeat on every EP rank; experts on ETP groups
-                shards[name].append(_Shard(f, ref, key, rank))
-                kinds[name] = "expert" if expert else "dense"
+                    lg = _LEGACY_GROUPED.match(rest)
+                    parts = (
+                        _grouped_mlp(ref, lg.group(1), e_local, hidden, str(f.path), key)
+                        if lg
+                        else [(rest, ref)]
+                    )
+                    items = []
+                    for rest, part in parts:
+                        e = _LOCAL_EXPERT.match(rest)
+                        if e:
+                            if not e_local:
+                                raise FormatError(
+                                    f"{f.path}: expert {key!r} but args say no experts"
+                                )
+                            rest = f"mlp.experts.local_experts.{ep * e_local + int(e.group(1))}."
+                            rest += e.group(2)
+                        items.append((f"decoder.layers.{layer}.{rest}", part, bool(e)))
+                for name, part, expert in items:
+                    rank = tp % lay.etp if expert else tp
+                    if any(s.rank == rank for s in shards[name]):
+                        continue  # dense tensors repeat on every EP rank; experts on ETP groups
+                    shards[name].append(_Shard(f, part, key, rank))
+                    kinds[name] = "expert" if expert else "dense"
     canon: dict[str, Canon] = {}
     for name, group in shards.items():
         group.sort(key=lambda s: s.rank)

@@ -24,23 +24,31 @@ inverse mapping (and so the reference) right.
 
 MoE (Mixtral, Qwen2-MoE with a gated shared expert, Qwen3-MoE): ``MoELayer`` with SequentialMLP
 experts and the allgather token dispatcher (the alltoall one creates a ``torch.cuda.Stream``),
-at EP=2, TP=2/ETP=1/EP=2, TP=2/EP=2 and PP=2/EP=2. Grouped GEMM is not covered: with the local
-spec it is the legacy ``GroupedMLP``, which asserts the CUDA-only ``grouped_gemm`` package, and
-TEGroupedMLP needs Transformer Engine. Small patches make megatron-core save on CPU/gloo:
-``torch.cuda.synchronize`` is a no-op, ``torch.cuda.current_device`` returns ``"cpu"``,
+at EP=2, TP=2/ETP=1/EP=2, TP=2/EP=2 and PP=2/EP=2. Cases ending ``_gg`` use grouped GEMM
+(``moe_grouped_gemm=True``), which with the local spec is the legacy ``GroupedMLP``
+(``mlp.experts.weight1`` / ``weight2``, expert-major and transposed), at EP=2 and TP=2/ETP=2/EP=2;
+TEGroupedMLP needs Transformer Engine and is not covered. Small patches make megatron-core save on
+CPU/gloo: ``torch.cuda.synchronize`` is a no-op, ``torch.cuda.current_device`` returns ``"cpu"``,
 ``Tensor.cuda`` returns the tensor (tied embeddings with PP > 1), the CUDA RNG tracker's ``fork`` is
 a null context, the ``te_general_gemm`` name MoE utils lack without TE is ``None``, and the
 ``TELinear`` / ``TEColumnParallelLinear`` mocks MLA checks with ``isinstance`` are empty classes.
+For ``GroupedMLP`` (CPU shim of the CUDA-only ``grouped_gemm`` package): in
+``megatron.core.transformer.moe.grouped_gemm_util`` the availability assert is a no-op and
+``ops.gmm(a, b, batch_sizes, trans_b)`` is plain torch (the rows of ``a`` of expert ``e`` times
+``b[e]``, or ``b[e].T``), and since its forward asserts ``config.bf16`` (only that assert reads it
+there), fp32 ``GroupedMLP`` modules get a copy of the config with ``bf16=True``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import re
 import signal
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -79,6 +87,10 @@ CASES: list[tuple] = [
     ("qwen3_moe_bf16_ep2", "qwen3_moe", "bfloat16", False, 1, 1, None, 2, 1),
     # PP=2 x EP=2: mp_rank_TT_PPP_EEE, stage-local layers and EP-local experts together
     ("qwen3_moe_fp32_pp2ep2", "qwen3_moe", "float32", False, 1, 2, None, 2, 1),
+    # legacy GroupedMLP (moe_grouped_gemm=True, local spec): weight1 / weight2, expert-major and
+    # transposed, at EP=2 (expert DP=2) and TP=2 x ETP=2 x EP=2
+    ("qwen3_moe_fp32_ep2_gg", "qwen3_moe", "float32", False, 1, 1, None, 2, 1),
+    ("qwen3_moe_fp32_tp2ep2_gg", "qwen3_moe", "float32", False, 2, 1, None, 2, 2),
     # DeepSeek-V3 (MLA, local spec: column-split down projections; layer 0 dense, layer 1 MoE with
     # sigmoid routing, expert bias and a shared expert), with and without q_lora_rank
     ("deepseek_v3_fp32_tp2ep2", "deepseek_v3", "float32", False, 2, 1, None, 2, 2),
@@ -102,6 +114,18 @@ def patch_cuda() -> None:
 
     for te_name in ("TELinear", "TEColumnParallelLinear"):  # MagicMocks without TE
         setattr(mla, te_name, type(f"No{te_name}", (), {}))
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    grouped_gemm_util.assert_grouped_gemm_is_available = lambda: None
+    grouped_gemm_util.ops = types.SimpleNamespace(gmm=gmm)
+
+
+def gmm(
+    a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False
+) -> torch.Tensor:
+    """``grouped_gemm.ops.gmm`` in plain torch: rows of ``a`` per expert ``e`` times ``b[e]``."""
+    parts = torch.split(a, [int(n) for n in batch_sizes.tolist()])
+    return torch.cat([x @ (b[e].T if trans_b else b[e]) for e, x in enumerate(parts)])
 
 
 def hf_model(family: str, dtype: torch.dtype, tied: bool):  # type: ignore[no-untyped-def]
@@ -387,6 +411,7 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
     name, family, dtype_name, tied, tp, pp, vp, *moe_par = case
     ep, etp = moe_par or (1, tp)
     moe = family in MOE
+    grouped = name.endswith("_gg")  # legacy GroupedMLP experts
     dtype = getattr(torch, dtype_name)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -437,6 +462,7 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
         **moe_config(family),
+        moe_grouped_gemm=grouped,
         use_cpu_initialization=True,
         perform_initialization=False,
         params_dtype=dtype,
@@ -454,7 +480,7 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
     else:
         spec = get_gpt_layer_local_spec(
             num_experts=E if moe else None,
-            moe_grouped_gemm=False,  # local-spec grouped GEMM needs the CUDA grouped_gemm package
+            moe_grouped_gemm=grouped,  # local spec: the legacy GroupedMLP (gmm shimmed above)
             normalization="RMSNorm",
             qk_layernorm=family in ("qwen3", "qwen3_moe"),
         )
@@ -476,6 +502,10 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
             vp_stage=v,
         )
         model = model.to(dtype).eval()
+        for module in model.modules():
+            if type(module).__name__ == "GroupedMLP" and not module.config.bf16:
+                module.config = copy.copy(module.config)  # its forward asserts bf16 only
+                module.config.bf16 = True
         # load HF weights: global layer = layer_number - 1
         layer_of = {
             f"decoder.layers.{j}.": f"decoder.layers.{layer.layer_number - 1}."
@@ -491,7 +521,18 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
                         gkey = g + key[len(local) :]
                         break
                 x = _EXPERT.search(gkey)
-                if x:  # local expert j of this EP rank, split over expert TP
+                grp = re.search(r"mlp\.experts\.weight([12])$", gkey)
+                if grp:  # GroupedMLP: local experts' [out, in] shards, transposed, expert-major
+                    fc = "linear_fc1" if grp.group(1) == "1" else "linear_fc2"
+                    base = gkey[: grp.start()] + "mlp.experts.local_experts."
+                    parts = [
+                        shard(f"{base}{ep_rank * e_local + j}.{fc}.weight",
+                              glob[f"{base}{ep_rank * e_local + j}.{fc}.weight"], etp, etp_rank).T
+                        for j in range(e_local)
+                    ]  # fmt: skip
+                    stacked = torch.stack(parts)  # [E_loc, H, 2F/ETP] or [E_loc, F/ETP, H]
+                    value = stacked.reshape(H, -1) if fc == "linear_fc1" else stacked.reshape(-1, H)
+                elif x:  # local expert j of this EP rank, split over expert TP
                     e = ep_rank * e_local + int(x.group(1))
                     gkey = gkey[: x.start(1)] + str(e) + gkey[x.end(1) :]
                     value = shard(gkey, glob[gkey], etp, etp_rank)
@@ -562,7 +603,7 @@ def build(case, world_rank: int, out_root: Path) -> None:  # type: ignore[no-unt
         moe_router_enable_expert_bias=config.moe_router_enable_expert_bias,
         moe_router_num_groups=config.moe_router_num_groups,
         moe_layer_freq=config.moe_layer_freq,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vp,
