@@ -696,7 +696,7 @@ def read_zero_optimizer(directory: Path) -> ZeroOptimizer:
     per_rank: list[list[dict[Any, Any]]] = []
     for f, base in zip(layout.optim, bases, strict=True):
         state = base["state"]
-        if sorted(state) != list(range(n_groups)):
+        if set(state) != set(range(n_groups)):
             raise FormatError(
                 f"{f.path}: optimizer state keys {sorted(state, key=str)} do not match the "
                 f"{n_groups} flat parameter groups"
@@ -711,9 +711,9 @@ def read_zero_optimizer(directory: Path) -> ZeroOptimizer:
     names = [str(k) for k in per_rank[0][0]]
     flat_names = []
     scalar_names = []
-    for sname in names:
+    for sname in names:  # flat (one element per fp32 element; lengths checked below) or 0-d
         value = per_rank[0][0][sname]
-        if isinstance(value, TensorRef) and math.prod(value.shape) == weights[0][0].length > 1:
+        if isinstance(value, TensorRef) and len(value.shape) == 1:
             flat_names.append(sname)
         elif isinstance(value, TensorRef) and math.prod(value.shape) == 1:
             scalar_names.append(sname)
