@@ -15,6 +15,7 @@ keep them.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -147,6 +148,8 @@ def _logits(folder: Path) -> object:
         ("qwen3_moe_fp32_pp2ep2", "legacy"),
         ("qwen3_moe_fp32_tp2ep2", "dist"),
         ("qwen3_moe_fp32_tp2ep2_gg", "legacy"),
+        ("deepseek_v3_fp32_tp2ep2", "legacy"),
+        ("deepseek_v3_noqlora_fp32_tp2", "dist"),
     ],
 )
 def test_derived_config_same_logits(mroot: Path, tmp_path: Path, case: str, fmt: str) -> None:
@@ -194,12 +197,13 @@ def test_inspect_and_cli_arch(mroot: Path, tmp_path: Path) -> None:
 
 
 def test_converts_without_torch(mroot: Path, tmp_path: Path) -> None:
-    """torch, megatron and TE blocked; config derived from args except for DeepSeek-V3."""
+    """torch, megatron and TE blocked; config from args, or (once) from the HF folder."""
     runs = [
         ("llama_tied_fp32_tp2pp2", "legacy", False),
         ("llama_tied_fp32_tp2pp2", "dist", False),
         ("qwen3_moe_fp32_tp2etp1ep2", "legacy", False),
-        ("deepseek_v3_fp32_tp2ep2", "dist", True),
+        ("deepseek_v3_fp32_tp2ep2", "dist", False),
+        ("deepseek_v3_noqlora_fp32_tp2", "legacy", True),
     ]
     lines = [
         "import sys",
@@ -305,7 +309,10 @@ def test_moe_arch_mismatch(mroot: Path, tmp_path: Path) -> None:
 
 def test_deepseek_v3_mla(mroot: Path, tmp_path: Path) -> None:
     """MLA down projections (column-split by the local spec) merge whole; the fp32 expert bias
-    becomes ``e_score_correction_bias``; no config.json is derived for DeepSeek-V3."""
+    becomes ``e_score_correction_bias``; a derived DeepSeek-V3 config.json refuses args that HF
+    cannot express and maps group-limited routing and YaRN."""
+    from fastckpt.megatron import _dims, _read_legacy, derive_config
+
     src = mroot / "deepseek_v3_fp32_tp2ep2" / "legacy" / "iter_0000010"
     info = {t.name: t for t in fastckpt.inspect(src).tensors}
     assert info["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].shape == (40, 64)
@@ -315,7 +322,42 @@ def test_deepseek_v3_mla(mroot: Path, tmp_path: Path) -> None:
     assert (bias.dtype, bias.shape) == ("F32", (4,))
     noq = fastckpt.inspect(mroot / "deepseek_v3_noqlora_fp32_tp2" / "dist" / "iter_0000010")
     assert "model.layers.1.self_attn.q_proj.weight" in {t.name for t in noq.tensors}
-    _fails(src, tmp_path, MappingError, r"cannot derive a DeepseekV3ForCausalLM config\.json")
+    args, canon, _ = _read_legacy(src)
+    d = _dims(args, None, canon)
+
+    def derive(**changes: object) -> dict[str, object]:
+        changed = copy.copy(args)
+        changed.fields = {**args.fields, **changes}
+        return derive_config(changed, "deepseek_v3", d, "F32", [1])
+
+    cfg = derive()
+    assert (cfg["n_routed_experts"], cfg["n_shared_experts"], cfg["first_k_dense_replace"]) == (
+        4,
+        1,
+        1,
+    )
+    assert (cfg["q_lora_rank"], cfg["kv_lora_rank"], cfg["routed_scaling_factor"]) == (48, 32, 2.5)
+    assert "rope_scaling" not in cfg  # rope (YaRN with factor 1 is rope)
+    assert derive(q_lora_rank=None)["q_lora_rank"] is None
+    grouped = derive(moe_router_num_groups=2, moe_router_group_topk=1)
+    assert (grouped["n_group"], grouped["topk_group"]) == (2, 1)
+    yarn = derive(rotary_scaling_factor=40.0, mscale=1.0, mscale_all_dim=1.0)["rope_scaling"]
+    assert yarn["rope_type"] == "yarn" and yarn["factor"] == 40.0 and yarn["attention_factor"] == 1
+    assert yarn["original_max_position_embeddings"] == 4096
+    for changes, match in [
+        ({"moe_router_score_function": "softmax"}, r"moe_router_score_function='softmax'"),
+        ({"moe_router_enable_expert_bias": False}, r"moe_router_enable_expert_bias unset"),
+        ({"moe_shared_expert_gate": True}, r"moe_shared_expert_gate=True"),
+        ({"moe_shared_expert_intermediate_size": 40}, r"not a multiple of moe_ffn_hidden_size"),
+        ({"moe_router_num_groups": 2, "moe_router_group_topk": 2}, r"their top 1 scores"),
+        ({"layernorm_epsilon": 1e-5}, r"layernorm_epsilon=1e-05 \(HF's q_a"),
+        ({"qk_layernorm": False}, r"qk_layernorm unset"),
+        ({"rotary_percent": 0.5}, r"rotary_percent=0.5"),
+    ]:
+        with pytest.raises(MappingError, match=r"DeepseekV3ForCausalLM config\.json: .*" + match):
+            derive(**changes)
+    with pytest.raises(MappingError, match=r"dense layers \[1\] .*only the first k"):
+        derive_config(args, "deepseek_v3", d, "F32", [0])
 
 
 def test_legacy_grouped_mlp(mroot: Path) -> None:

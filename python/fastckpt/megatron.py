@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -87,11 +88,18 @@ class Arch:
             FFN size (a derived config); None for dense families.
         norm_topk: the ``config.json`` key that says whether the top-k routing weights are
             renormalised (Megatron ``moe_router_pre_softmax=False``); None where they always are.
-        shared_config: the ``config.json`` key of the (required) shared-expert FFN size.
+        shared_config: the ``config.json`` key of the (required) shared expert: its FFN size, or
+            (``shared_count``) how many expert FFNs wide it is.
+        shared_count: ``shared_config`` counts expert FFNs (DeepSeek ``n_shared_experts``).
         dense_layers: the ``config.json`` key listing dense (router-less) layers; None where every
             layer must be MoE.
+        first_k_dense: ``dense_layers`` is a count of leading dense layers (DeepSeek
+            ``first_k_dense_replace``), not a list.
+        router: HF's score function: ``softmax`` (top-k of softmax or softmax of top-k), or
+            ``sigmoid`` (DeepSeek: sigmoid scores, an expert bias that only picks the experts,
+            group-limited choice, a routed scaling factor).
         attention: renames of ``self_attention.X.weight`` to ``self_attn.Y.weight`` that replace
-            the fused-QKV rules (MLA).
+            the fused-QKV rules (MLA; a derived config then gets the MLA ranks and head dims).
         router_bias: HF name (under ``{moe}.gate.``) of ``mlp.router.expert_bias``.
         derive: whether a ``config.json`` can be derived from ``args``.
     """
@@ -106,7 +114,10 @@ class Arch:
     moe_config: tuple[str, str] | None = None
     norm_topk: str | None = "norm_topk_prob"
     shared_config: str | None = None
+    shared_count: bool = False
     dense_layers: str | None = "mlp_only_layers"
+    first_k_dense: bool = False
+    router: str = "softmax"
     attention: tuple[tuple[str, str], ...] = ()
     router_bias: str | None = None
     derive: bool = True
@@ -158,9 +169,14 @@ ARCHS: dict[str, Arch] = {
         "deepseek_v3",
         moe="mlp",
         shared="mlp.shared_experts",
+        moe_config=("n_routed_experts", "moe_intermediate_size"),
+        shared_config="n_shared_experts",
+        shared_count=True,
+        dense_layers="first_k_dense_replace",
+        first_k_dense=True,
+        router="sigmoid",
         attention=_MLA,
         router_bias="e_score_correction_bias",
-        derive=False,
     ),
 }
 
@@ -984,48 +1000,161 @@ def _moe_fields(args: Args, arch_key: str, moe_layers: list[int]) -> dict[str, A
     if arch.moe_config is None:
         raise MappingError(
             f"{args.source}: args say {experts} experts but arch {arch_key!r} is dense; pass "
-            "--arch (mixtral, qwen2_moe, qwen3_moe) or --config-from DIR"
+            "--arch (mixtral, qwen2_moe, qwen3_moe, deepseek_v3) or --config-from DIR"
         )
     layers = args.int("num_layers", 0)
     dense = [i for i in range(layers) if i not in set(moe_layers)]
     pre_softmax = bool(args.get("moe_router_pre_softmax", False))
     shared = args.int("moe_shared_expert_intermediate_size", 0)
-    problems = []
+    ffn = args.int("moe_ffn_hidden_size", args.int("ffn_hidden_size", 0))
+    topk = args.int("moe_router_topk", 2)
     score = args.get("moe_router_score_function", "softmax")
-    if score != "softmax":
-        problems.append(f"moe_router_score_function={score!r}")
     scale = args.get("moe_router_topk_scaling_factor")
-    if scale is not None and float(scale) != 1.0:
-        problems.append(f"moe_router_topk_scaling_factor={scale!r}")
-    for flag in ("moe_router_enable_expert_bias", "moe_router_num_groups"):
-        if args.get(flag):
-            problems.append(f"{flag}={args.get(flag)!r}")
-    if arch.norm_topk is None and pre_softmax:
-        problems.append("moe_router_pre_softmax=True (HF renormalises the top-k weights)")
+    fields: dict[str, Any] = {}
+    problems = []
+    if arch.router == "softmax":
+        if score != "softmax":
+            problems.append(f"moe_router_score_function={score!r}")
+        if scale is not None and float(scale) != 1.0:
+            problems.append(f"moe_router_topk_scaling_factor={scale!r}")
+        for flag in ("moe_router_enable_expert_bias", "moe_router_num_groups"):
+            if args.get(flag):
+                problems.append(f"{flag}={args.get(flag)!r}")
+        if arch.norm_topk is None and pre_softmax:
+            problems.append("moe_router_pre_softmax=True (HF renormalises the top-k weights)")
+        if arch.norm_topk is not None:
+            fields[arch.norm_topk] = not pre_softmax
+    else:  # sigmoid (DeepSeek); moe_router_pre_softmax does not matter there
+        problems += _sigmoid_problems(args, experts, topk, score, fields)
+        fields["routed_scaling_factor"] = float(scale) if scale else 1.0
+        if arch.norm_topk is not None:  # Megatron's sigmoid path renormalises unless k == 1
+            fields[arch.norm_topk] = topk > 1
     if arch.shared_config is None and shared:
         problems.append(f"a shared expert (moe_shared_expert_intermediate_size={shared})")
-    if arch.shared_config is not None and not (shared and args.get("moe_shared_expert_gate")):
+    gated = bool(args.get("moe_shared_expert_gate"))
+    if arch.shared_config is not None and arch.shared_gate is not None and not (shared and gated):
         problems.append("no gated shared expert (HF always has one)")
+    if arch.shared_config is not None and arch.shared_gate is None:
+        if not shared:
+            problems.append("moe_shared_expert_intermediate_size unset (HF always has one)")
+        elif gated:
+            problems.append("moe_shared_expert_gate=True (HF has no shared-expert gate)")
+        elif arch.shared_count and (not ffn or shared % ffn):
+            problems.append(
+                f"moe_shared_expert_intermediate_size={shared} is not a multiple of "
+                f"moe_ffn_hidden_size={ffn}"
+            )
     if dense and arch.dense_layers is None:
         problems.append(f"dense layers {dense}")
+    if arch.first_k_dense and dense != list(range(len(dense))):
+        problems.append(
+            f"dense layers {dense} (moe_layer_freq={args.get('moe_layer_freq')!r}; HF makes only "
+            "the first k layers dense)"
+        )
     if problems:
         raise MappingError(
             f"{args.source}: cannot derive a {arch.architecture} config.json: "
             f"{'; '.join(problems)} (no equivalent there); pass --config-from DIR"
         )
     count_key, ffn_key = arch.moe_config
-    fields: dict[str, Any] = {
-        count_key: experts,
-        "num_experts_per_tok": args.int("moe_router_topk", 2),
-        ffn_key: args.int("moe_ffn_hidden_size", args.int("ffn_hidden_size", 0)),
-    }
-    if arch.norm_topk is not None:
-        fields[arch.norm_topk] = not pre_softmax
-    if arch.dense_layers is not None:
+    fields.update({count_key: experts, "num_experts_per_tok": topk, ffn_key: ffn})
+    if arch.dense_layers is not None and arch.first_k_dense:
+        fields[arch.dense_layers] = len(dense)
+    elif arch.dense_layers is not None:
         fields["decoder_sparse_step"] = 1
         fields[arch.dense_layers] = dense
     if arch.shared_config is not None:
-        fields[arch.shared_config] = shared
+        fields[arch.shared_config] = shared // ffn if arch.shared_count else shared
+    return fields
+
+
+def _sigmoid_problems(
+    args: Args, experts: int, topk: int, score: object, fields: dict[str, Any]
+) -> list[str]:
+    """DeepSeek routing: what HF cannot express; sets ``n_group`` / ``topk_group``."""
+    problems = []
+    if score != "sigmoid":
+        problems.append(f"moe_router_score_function={score!r} (HF routes by sigmoid)")
+    if not args.get("moe_router_enable_expert_bias"):
+        problems.append(
+            "moe_router_enable_expert_bias unset (HF always adds e_score_correction_bias)"
+        )
+    groups = args.int("moe_router_num_groups", 0)
+    group_topk = args.int("moe_router_group_topk", 0)
+    fields["n_group"], fields["topk_group"] = 1, 1  # Megatron: no group limit without group_topk
+    if group_topk:
+        # Megatron ranks a group by the sum of its top (topk // group_topk) scores, HF by its top 2
+        if not groups or experts % groups:
+            problems.append(f"moe_router_num_groups={groups!r} with {experts} experts")
+        elif topk // group_topk != 2 or experts // groups < 2:
+            problems.append(
+                f"moe_router_group_topk={group_topk} with moe_router_topk={topk} (Megatron ranks "
+                f"groups by their top {topk // group_topk} scores, HF by their top 2)"
+            )
+        fields["n_group"], fields["topk_group"] = groups, group_topk
+    return problems
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    """megatron-core's ``_yarn_get_mscale`` (and HF's ``get_mscale``)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _mla_fields(args: Args, d: _Dims) -> dict[str, Any]:
+    """The MLA part of a derived DeepSeek-V3 ``config.json``; refuses what HF cannot express."""
+    need = ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+    missing = [k for k in need if not args.int(k, 0)]
+    if missing:
+        raise MappingError(f"{args.source}: MLA args lack {', '.join(missing)}")
+    problems = []
+    eps = float(args.get("layernorm_epsilon", args.get("norm_epsilon", 1e-5)))
+    if not args.get("qk_layernorm"):
+        problems.append("qk_layernorm unset (HF always norms the q / kv latents)")
+    elif eps != 1e-6:
+        problems.append(f"layernorm_epsilon={eps!r} (HF's q_a / kv_a_layernorm always use 1e-6)")
+    percent = float(args.get("rotary_percent", 1.0) or 1.0)
+    if percent != 1.0:
+        problems.append(f"rotary_percent={percent!r}")
+    if args.get("rotary_interleaved"):
+        problems.append("rotary_interleaved=True")
+    rope_type = args.get("rope_type") or "yarn"  # Megatron-LM: MLA takes yarn when unset
+    if rope_type not in ("rope", "yarn"):
+        problems.append(f"rope_type={rope_type!r}")
+    if problems:
+        raise MappingError(
+            f"{args.source}: cannot derive a DeepseekV3ForCausalLM config.json: "
+            f"{'; '.join(problems)} (no equivalent there); pass --config-from DIR"
+        )
+    q_lora = args.get("q_lora_rank")
+    fields: dict[str, Any] = {
+        "num_key_value_heads": d.heads,
+        "head_dim": args.int("qk_pos_emb_head_dim", 0),  # as HF's config sets it
+        "q_lora_rank": int(q_lora) if q_lora else None,  # None: linear_q_proj
+        "kv_lora_rank": args.int("kv_lora_rank", 0),
+        "qk_nope_head_dim": args.int("qk_head_dim", 0),
+        "qk_rope_head_dim": args.int("qk_pos_emb_head_dim", 0),
+        "v_head_dim": args.int("v_head_dim", 0),
+        "rope_interleave": True,  # megatron-core de-interleaves the rope dims itself
+        "num_nextn_predict_layers": 0,  # MTP layers are not mapped (refused as unknown names)
+    }
+    factor = float(args.get("rotary_scaling_factor") or 1.0)
+    if rope_type == "yarn" and factor > 1.0:  # factor 1: YaRN is plain rope
+        mscale = float(args.get("mscale", 1.0))
+        all_dim = float(args.get("mscale_all_dim", 0.0))
+        original = args.get("original_max_position_embeddings") or args.get(
+            "yarn_original_max_position_embeddings", 4096
+        )
+        fields["rope_scaling"] = {
+            "rope_type": "yarn",
+            "factor": factor,
+            "original_max_position_embeddings": int(original),
+            "beta_fast": float(args.get("beta_fast", args.get("yarn_beta_fast", 32.0))),
+            "beta_slow": float(args.get("beta_slow", args.get("yarn_beta_slow", 1.0))),
+            "mscale": mscale,
+            "mscale_all_dim": all_dim,
+            # megatron-core's cos/sin factor (HF infers it from both mscales only when both set)
+            "attention_factor": _yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dim),
+        }
     return fields
 
 
@@ -1044,9 +1173,8 @@ def derive_config(
     arch = ARCHS[arch_key]
     if not arch.derive:
         raise MappingError(
-            f"{args.source}: cannot derive a {arch.architecture} config.json from args (its "
-            "attention, rope and routing fields are not mapped); pass --config-from DIR (the base "
-            "model's folder)"
+            f"{args.source}: cannot derive a {arch.architecture} config.json from args; pass "
+            "--config-from DIR (the base model's folder)"
         )
     experts = args.get("num_experts") or args.get("num_moe_experts")
     if arch.moe_config is not None and not experts:
@@ -1079,6 +1207,8 @@ def derive_config(
     }
     if arch_key in ("qwen2", "qwen2_moe", "mixtral"):
         del cfg["attention_bias"]  # Qwen2 always has q/k/v biases; Mixtral has none
+    if arch.attention:
+        cfg.update(_mla_fields(args, d))
     if experts:
         cfg.update(_moe_fields(args, arch_key, moe_layers or []))
     return cfg
