@@ -53,12 +53,18 @@ pub struct Source {
 /// `split_state_dict_into_shards_factory` does.
 ///
 /// Greedy in input order; a tensor larger than `max_shard_size` gets its own shard, appended
-/// before the shard still being filled; a shard may reach exactly the limit.
+/// before the shard still being filled; a shard may reach exactly the limit. The splitter groups
+/// tensors by storage `(device, data_ptr, nbytes)`, and every empty tensor has the same one, so
+/// empty tensors after the first are left out of the greedy pass and appended to its shard.
 pub fn plan_shards(sizes: &[u64], max_shard_size: u64) -> Vec<Vec<usize>> {
+    let first_empty = sizes.iter().position(|&s| s == 0);
     let mut shards = Vec::new();
     let mut current = Vec::new();
     let mut current_size = 0u64;
     for (i, &size) in sizes.iter().enumerate() {
+        if size == 0 && first_empty.is_some_and(|f| f < i) {
+            continue;
+        }
         if size > max_shard_size {
             shards.push(vec![i]);
             continue;
@@ -72,6 +78,12 @@ pub fn plan_shards(sizes: &[u64], max_shard_size: u64) -> Vec<Vec<usize>> {
     }
     if !current.is_empty() {
         shards.push(current);
+    }
+    if let Some(f) = first_empty {
+        let later = (f + 1..sizes.len()).filter(|&i| sizes[i] == 0);
+        if let Some(shard) = shards.iter_mut().find(|s| s.contains(&f)) {
+            shard.extend(later);
+        }
     }
     shards
 }

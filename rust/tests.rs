@@ -30,6 +30,12 @@ fn plan_shards_cases() {
     // exactly the limit is not oversized
     assert_eq!(plan_shards(&[10, 10, 0], 10), vec![vec![0], vec![1, 2]]);
     assert_eq!(plan_shards(&[0, 0], 0), vec![vec![0, 1]]);
+    // empty tensors share one storage key in the hub's splitter: later ones join the first's shard
+    assert_eq!(
+        plan_shards(&[4, 4, 0, 4, 0], 4),
+        vec![vec![0], vec![1, 2, 4], vec![3]]
+    );
+    assert_eq!(plan_shards(&[0, 8, 0], 4), vec![vec![1], vec![0, 2]]);
 }
 
 fn meta<'a>(name: &'a str, dtype: DType, shape: &'a [u64]) -> TensorMeta<'a> {

@@ -158,24 +158,6 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise FastckptError(f"destination {dst} exists and is not a directory")
 
 
-def _plan_shards(sizes: list[int], limit: int) -> list[list[int]]:
-    """Shards as ``huggingface_hub``'s splitter (and so ``save_pretrained``) makes them.
-
-    The splitter groups tensors by storage, and every empty tensor has the same (null, 0-byte)
-    one: the first empty tensor is placed like any other, later ones join its shard.
-    """
-    empty = [i for i, n in enumerate(sizes) if n == 0]
-    later = set(empty[1:])
-    rest = [i for i in range(len(sizes)) if i not in later]
-    planned = _core.plan_shards([sizes[i] for i in rest], limit)
-    shards = [[rest[j] for j in shard] for shard in planned]
-    for shard in shards:
-        if later and empty[0] in shard:
-            shard.extend(empty[1:])
-            break
-    return shards
-
-
 def convert(
     src: PathLike,
     dst: PathLike,
@@ -272,8 +254,8 @@ def convert(
     config = side.config
     # Megatron: a config from its args (made, and maybe refused, only when it is needed)
     derived = getattr(cat.reader, "derived_config", None) if copy_files and config is None else None
-    write_derived = copy_files and config is None and isinstance(derived, dict)
-    if write_derived and isinstance(derived, dict):
+    write_derived = isinstance(derived, dict)
+    if isinstance(derived, dict):
         config = derived
         warnings.append(
             "no config.json found: wrote one derived from the Megatron args (architecture "
@@ -334,7 +316,7 @@ def convert(
         jobs.append((e, out))
     sizes = [e.meta.numel * _core.dtype_size(out) for e, out in jobs]
     adapter = lplan is not None and lplan.adapter_config is not None
-    plan = [list(range(len(jobs)))] if adapter else _plan_shards(sizes, shard_limit)
+    plan = [list(range(len(jobs)))] if adapter else _core.plan_shards(sizes, shard_limit)
     files = ["adapter_model.safetensors"] if adapter else shard_names(len(plan)) if plan else []
 
     dst_p.parent.mkdir(parents=True, exist_ok=True)
