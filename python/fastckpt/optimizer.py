@@ -40,10 +40,9 @@ from typing import Any
 
 from fastckpt import _core
 from fastckpt._core import FormatError
-from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
+from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta
 from fastckpt.distcp import DcpReader, normalise_name
 from fastckpt.torch_pickle import (
-    TORCH_TO_ST,
     BytesStorageMetadata,
     DTensorRef,
     MetadataIndex,
@@ -141,19 +140,11 @@ def read_optimizer(cat: Catalogue) -> OptimizerState:
 
 
 def _from_zero(cat: Catalogue) -> OptimizerState:
-    zero = read_zero_optimizer(cat.path)
-    metas: list[TensorMeta] = []
-    chunks: dict[str, tuple[Chunk, ...]] = {}
-    for name, (dtype, shape, cs) in zero.tensors.items():
-        st = TORCH_TO_ST.get(dtype)
-        if st is None:
-            raise FormatError(f"{cat.path}: optimizer state {name!r} has dtype {dtype}, which "
-                              "safetensors cannot store")  # fmt: skip
-        metas.append(TensorMeta(name, name, st, shape, len(cs), False))
-        chunks[name] = cs
-    entries = ZeroReader(chunks).locate(metas)
+    if not isinstance(cat.reader, ZeroReader):
+        raise FormatError(f"{cat.path}: not a DeepSpeed ZeRO catalogue")
+    zero = read_zero_optimizer(cat.path, cat.reader.layout)
     groups = [{k: _plain(v) for k, v in g.items()} for g in zero.param_groups]
-    return OptimizerState(entries=entries, param_groups=groups, step=_step(entries),
+    return OptimizerState(entries=zero.entries, param_groups=groups, step=_step(zero.entries),
                           notes=zero.notes)  # fmt: skip
 
 

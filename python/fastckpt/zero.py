@@ -536,11 +536,21 @@ def _normalise(key: str) -> str:
         key = name
 
 
-class ZeroReader:
-    """Hands out the chunks computed at catalogue time."""
+def _st_dtype(directory: Path, key: str, dtype: str) -> str:
+    st = TORCH_TO_ST.get(dtype)
+    if st is None:
+        raise FormatError(f"{directory}: tensor {key!r} has dtype {dtype}, which safetensors "
+                          "cannot store")  # fmt: skip
+    return st
 
-    def __init__(self, chunks: dict[str, tuple[Chunk, ...]]) -> None:
+
+class ZeroReader:
+    """Hands out the chunks computed at catalogue time; keeps the parsed rank files (``layout``)
+    so that ``--with-optimizer`` does not read and unpickle them again."""
+
+    def __init__(self, chunks: dict[str, tuple[Chunk, ...]], layout: _Layout) -> None:
         self._chunks = chunks
+        self.layout = layout
 
     def locate(self, metas: list[TensorMeta]) -> list[TensorEntry]:
         return [TensorEntry(meta, self._chunks[meta.key]) for meta in metas]
@@ -615,10 +625,7 @@ def read_zero_dir(directory: Path) -> Catalogue:
     chunks: dict[str, tuple[Chunk, ...]] = {}
     seen: dict[str, str] = {}
     for key, (dtype, shape, cs) in ordered.items():
-        st = TORCH_TO_ST.get(dtype)
-        if st is None:
-            raise FormatError(f"{directory}: tensor {key!r} has dtype {dtype}, which "
-                              "safetensors cannot store")  # fmt: skip
+        st = _st_dtype(directory, key, dtype)
         name = _normalise(key)
         if name in seen:
             raise FormatError(f"{directory}: keys {seen[name]!r} and {key!r} both map to {name!r}")
@@ -638,7 +645,7 @@ def read_zero_dir(directory: Path) -> Catalogue:
     return Catalogue(
         format="deepspeed",
         path=directory,
-        reader=ZeroReader(chunks),
+        reader=ZeroReader(chunks, layout),
         tensors=metas,
         skipped=skipped,
         side_dirs=side_dirs,
@@ -655,12 +662,12 @@ class ZeroOptimizer:
     """The optimizer state of a ZeRO tag folder, placed like the fp32 weights.
 
     Attributes:
-        tensors: ``state.<fqn>.<name>`` -> (torch dtype, shape, chunks), in parameter order.
+        entries: ``state.<fqn>.<name>`` tensors (not model tensors), in parameter order.
         param_groups: the base optimizer's ``param_groups`` with ``params`` as FQNs.
         notes: remarks for the report.
     """
 
-    tensors: dict[str, tuple[str, tuple[int, ...], tuple[Chunk, ...]]]
+    entries: list[TensorEntry]
     param_groups: list[dict[str, Any]]
     notes: list[str]
 
@@ -680,14 +687,13 @@ def _base_state(layout: _Layout, f: _File) -> dict[Any, Any]:
     return base
 
 
-def read_zero_optimizer(directory: Path) -> ZeroOptimizer:
+def read_zero_optimizer(directory: Path, layout: _Layout) -> ZeroOptimizer:
     """Consolidate per-parameter optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``, ...).
 
     Each rank's torch optimizer holds one flat parameter per group (the rank's fp32 partition),
     so every flat state tensor has the partition's layout and is placed by the same functions as
     the fp32 weights; a scalar state (Adam's ``step``) is given to every parameter of its group.
     """
-    layout = _read_layout(directory)
     m0 = layout.models[0]
     shapes = _param_shapes(m0)
     weights = _flat_groups(layout)
@@ -788,4 +794,8 @@ def read_zero_optimizer(directory: Path) -> ZeroOptimizer:
     if skipped:
         notes.append("optimizer state left out (not a flat partition or a scalar): " +
                      ", ".join(skipped))  # fmt: skip
-    return ZeroOptimizer(tensors, param_groups, notes)
+    entries = []
+    for name, (dtype, shape, cs) in tensors.items():
+        meta = TensorMeta(name, name, _st_dtype(directory, name, dtype), shape, len(cs), False)
+        entries.append(TensorEntry(meta, cs))
+    return ZeroOptimizer(entries, param_groups, notes)
