@@ -37,7 +37,7 @@ from typing import Any
 from fastckpt._core import FormatError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
 from fastckpt.distcp import load_metadata, read_dcp
-from fastckpt.hf_files import find_side_files
+from fastckpt.hf_files import TORCH_DTYPE_NAMES, find_side_files
 from fastckpt.torch_pickle import (
     TORCH_TO_ST,
     MetadataIndex,
@@ -101,7 +101,6 @@ class Arch:
         attention: renames of ``self_attention.X.weight`` to ``self_attn.Y.weight`` that replace
             the fused-QKV rules (MLA; a derived config then gets the MLA ranks and head dims).
         router_bias: HF name (under ``{moe}.gate.``) of ``mlp.router.expert_bias``.
-        derive: whether a ``config.json`` can be derived from ``args``.
     """
 
     architecture: str
@@ -120,7 +119,6 @@ class Arch:
     router: str = "softmax"
     attention: tuple[tuple[str, str], ...] = ()
     router_bias: str | None = None
-    derive: bool = True
 
 
 #: Multi-latent attention (DeepSeek-V2/V3): direct copies, no rope permutation (megatron-core
@@ -1171,11 +1169,6 @@ def derive_config(
         moe_layers: the global layers that hold a router (MoE families).
     """
     arch = ARCHS[arch_key]
-    if not arch.derive:
-        raise MappingError(
-            f"{args.source}: cannot derive a {arch.architecture} config.json from args; pass "
-            "--config-from DIR (the base model's folder)"
-        )
     experts = args.get("num_experts") or args.get("num_moe_experts")
     if arch.moe_config is not None and not experts:
         raise MappingError(
@@ -1183,7 +1176,6 @@ def derive_config(
             "--arch or --config-from DIR"
         )
     eps = args.get("layernorm_epsilon", args.get("norm_epsilon", 1e-5))
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
     cfg: dict[str, Any] = {
         "architectures": [arch.architecture],
         "model_type": arch.model_type,
@@ -1202,8 +1194,8 @@ def derive_config(
         "hidden_act": "silu",
         "tie_word_embeddings": d.tied,
         "attention_bias": False,
-        "torch_dtype": names.get(dtype, "float32"),
-        "dtype": names.get(dtype, "float32"),
+        "torch_dtype": TORCH_DTYPE_NAMES.get(dtype, "float32"),
+        "dtype": TORCH_DTYPE_NAMES.get(dtype, "float32"),
     }
     if arch_key in ("qwen2", "qwen2_moe", "mixtral"):
         del cfg["attention_bias"]  # Qwen2 always has q/k/v biases; Mixtral has none
