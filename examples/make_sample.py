@@ -75,6 +75,21 @@ def _tokenizer():  # type: ignore[no-untyped-def]
     return fast
 
 
+def _portable_tokenizer_config(path: Path) -> None:
+    """Make the saved tokenizer config load in transformers 4.x as well as 5.x.
+
+    transformers 5 names the class ``TokenizersBackend`` (unknown to 4.x) and writes the extra
+    special tokens as an ``extra_special_tokens`` list (4.x expects a dict there); both majors
+    read ``PreTrainedTokenizerFast`` and ``additional_special_tokens``.
+    """
+    doc = json.loads(path.read_text())
+    doc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = doc.pop("extra_special_tokens", None)
+    if extra:
+        doc["additional_special_tokens"] = extra
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
 def _worker(rank: int, port: int) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -119,6 +134,7 @@ def _worker(rank: int, port: int) -> None:
         tok_dir = policy / "tokenizer"
         config.save_pretrained(tok_dir)
         _tokenizer().save_pretrained(tok_dir)
+        _portable_tokenizer_config(tok_dir / "tokenizer_config.json")
         GenerationConfig(bos_token_id=2, eos_token_id=[3, 5], pad_token_id=0).save_pretrained(
             tok_dir
         )
