@@ -10,9 +10,10 @@ saved with ``torch.distributed.checkpoint.save`` in NeMo RL's layout::
       policy/tokenizer/    config.json, generation_config.json, tokenizer.json,
                            tokenizer_config.json, chat_template.jinja
 
-The README quick start converts it with no torch installed::
+The README quick start converts it with no torch installed (fastckpt finds the run's latest
+complete step and the tokenizer beside it)::
 
-    fastckpt convert examples/tiny-llama-run/step_3/policy/weights /tmp/tiny-llama-hf
+    pip install . && fastckpt convert examples/tiny-llama-run /tmp/tiny-llama-hf --overwrite
 
 Regenerate (needs torch and transformers)::
 
