@@ -37,7 +37,7 @@ from fastckpt.hf_files import (
 from fastckpt.lora import adapter_config_bytes, has_lora
 from fastckpt.lora import plan as plan_lora
 from fastckpt.optimizer import read_optimizer
-from fastckpt.runs import resolve_source
+from fastckpt.runs import is_run_dir, looks_like_step, resolve_source
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], object]
@@ -146,14 +146,27 @@ def _same_tensor(a: TensorEntry, b: TensorEntry) -> bool:
     return _core.digest(a.source()) == _core.digest(b.source())
 
 
+class DestinationExistsError(FastckptError):
+    """The destination exists and ``overwrite`` was not given."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"destination {path} already exists (overwrite=True replaces it)")
+        self.path = path
+
+
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     s, d = src.resolve(), dst.resolve()
+    if looks_like_step(d.name) and is_run_dir(d.parent):
+        raise FastckptError(
+            f"destination {dst} would look like a step of the training run {dst.parent} "
+            "(fastckpt ls would list it as an incomplete step); choose another name or folder"
+        )
     if d == s or s.is_relative_to(d):
         raise FastckptError(f"destination {dst} contains the source {src}; choose another folder")
     if d.is_relative_to(s if s.is_dir() else s.parent) and s.is_dir():
         raise FastckptError(f"destination {dst} is inside the source {src}; choose another folder")
     if dst.exists() and not overwrite:
-        raise FastckptError(f"destination {dst} already exists (use --overwrite / overwrite=True)")
+        raise DestinationExistsError(dst)
     if dst.exists() and not dst.is_dir():
         raise FastckptError(f"destination {dst} exists and is not a directory")
 
@@ -407,8 +420,23 @@ def _move_into_place(tmp: Path, dst: Path, *, overwrite: bool, fsync: bool) -> N
         fsync_dir(dst.parent)
 
 
-def inspect(path: PathLike) -> CheckpointInfo:
-    """Describe a checkpoint: format, model tensors (dtype, shape, chunks), what is skipped."""
+def inspect(
+    path: PathLike,
+    *,
+    step: str | int | None = None,
+    role: str | None = None,
+    metric: str | None = None,
+    higher_is_better: bool = True,
+) -> CheckpointInfo:
+    """Describe a checkpoint: format, model tensors (dtype, shape, chunks), what is skipped.
+
+    ``path`` may be a training run; ``step``, ``role``, ``metric`` and ``higher_is_better`` then
+    choose the step as in :func:`convert` (default: the latest complete one).
+    """
+    resolved = resolve_source(
+        path, step=step, role=role, metric=metric, higher_is_better=higher_is_better
+    )
+    path = resolved.weights
     cat = open_catalogue(path)
     infos = [info_of(m) for m in cat.tensors.values() if m.is_model]
     skipped = [m.key for m in cat.tensors.values() if not m.is_model] + cat.skipped
@@ -418,7 +446,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
         tensors=infos,
         total_bytes=sum(i.nbytes for i in infos),
         skipped=skipped,
-        notes=list(cat.notes),
+        notes=[*resolved.notes, *cat.notes],
     )
 
 
@@ -433,11 +461,15 @@ def _tied_omission(missing_side: Catalogue, other: Catalogue, name: str) -> bool
 def verify(a: PathLike, b: PathLike) -> VerifyReport:
     """Compare the model tensors of two checkpoints bit for bit (names, dtypes, shapes, bytes).
 
+    Either side may be a training run: its latest complete step is compared.
+
     A checkpoint and its converted folder verify as equal even when the conversion left out an
     ``lm_head.weight`` identical to the tied embedding.
     """
-    ca, cb = open_catalogue(a), open_catalogue(b)
-    names_a, names_b = ca.model_names(), cb.model_names()
+    ca = open_catalogue(resolve_source(a).weights)
+    cb = open_catalogue(resolve_source(b).weights)
+    # sorted: the report (and its "first difference") does not depend on the argument order
+    names_a, names_b = sorted(ca.model_names()), sorted(cb.model_names())
     set_a, set_b = set(names_a), set(names_b)
     common = [n for n in names_a if n in set_b]
     only_a = [n for n in names_a if n not in set_b]

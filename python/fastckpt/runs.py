@@ -630,6 +630,17 @@ def _scan_megatron(root: Path, sub: str) -> Run:
     return run
 
 
+def is_step_counter(name: str) -> bool:
+    """A ``training_info.json`` entry that repeats the step number."""
+    return name in ("step", "current_step", "global_step", "iteration")
+
+
+def looks_like_step(name: str) -> bool:
+    """A folder name that a run's layout would list as a step (``step_9``, ``global_step_9``,
+    ``global_step9``, ``iter_0000009``)."""
+    return any(p.match(name) for p in (_NEMO_STEP, _GLOBAL_STEP, _DS_TAG, _ITER))
+
+
 def is_bookkeeping(name: str) -> bool:
     """``training_info.json`` entries that count progress rather than measure quality."""
     return name in _BOOKKEEPING
