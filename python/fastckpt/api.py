@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastckpt import _core
-from fastckpt._core import FastckptError, MappingError
+from fastckpt._core import FastckptError, FormatError, MappingError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
@@ -246,6 +246,8 @@ def convert(
     given_config = find_side_files([Path(config_from)]).config if config_from is not None else None
     cat = open_catalogue(src_p, arch=arch, hf_config=given_config)
     _check_paths(src_p, dst_p, overwrite)
+    if cat.undecided is not None and not include:
+        raise FormatError(f"{src_p}: {cat.undecided}")
     names = _select(cat, include, exclude)
     if not names:
         raise MappingError(f"{src_p}: no model tensors selected (see `fastckpt inspect`)")
@@ -446,7 +448,7 @@ def inspect(
         tensors=infos,
         total_bytes=sum(i.nbytes for i in infos),
         skipped=skipped,
-        notes=[*resolved.notes, *cat.notes],
+        notes=[*resolved.notes, *cat.notes, *([cat.undecided] if cat.undecided else [])],
     )
 
 
@@ -468,6 +470,9 @@ def verify(a: PathLike, b: PathLike) -> VerifyReport:
     """
     ca = open_catalogue(resolve_source(a).weights)
     cb = open_catalogue(resolve_source(b).weights)
+    for side in (ca, cb):
+        if side.undecided is not None:
+            raise FormatError(f"{side.path}: {side.undecided}")
     # sorted: the report (and its "first difference") does not depend on the argument order
     names_a, names_b = sorted(ca.model_names()), sorted(cb.model_names())
     set_a, set_b = set(names_a), set(names_b)
