@@ -95,7 +95,10 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 def _is_empty_dir(path: Path) -> bool:
     try:
-        return path.is_dir() and not path.is_symlink() and not any(os.scandir(path))
+        if path.is_symlink() or not path.is_dir():
+            return False
+        with os.scandir(path) as it:
+            return next(it, None) is None
     except OSError:
         return False
 
