@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from fastckpt._core import FastckptError, FormatError, MappingError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
+from fastckpt.fsops import Owner, check_replaceable, move_into_place, reclaim_stale
 from fastckpt.heads import split_value_head
 from fastckpt.hf_files import (
     TORCH_DTYPE_NAMES,
@@ -155,6 +155,11 @@ class DestinationExistsError(FastckptError):
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.is_symlink():
+        raise FastckptError(
+            f"destination {dst} is a symbolic link (to {os.readlink(dst)}); pass the real "
+            "folder, or remove the link"
+        )
     s, d = src.resolve(), dst.resolve()
     if looks_like_step(d.name) and is_run_dir(d.parent):
         raise FastckptError(
@@ -167,8 +172,8 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
         raise FastckptError(f"destination {dst} is inside the source {src}; choose another folder")
     if dst.exists() and not overwrite:
         raise DestinationExistsError(dst)
-    if dst.exists() and not dst.is_dir():
-        raise FastckptError(f"destination {dst} exists and is not a directory")
+    if dst.exists():
+        check_replaceable(dst)
 
 
 def convert(
@@ -290,7 +295,8 @@ def convert(
     if not names:
         raise MappingError(f"{src_p}: no model tensors left after dropping the value head")
     entries = cat.locate(names)
-    tmp = dst_p.parent / f".{dst_p.name}.fastckpt-tmp-{uuid.uuid4().hex[:8]}"
+    owner = Owner(dst_p)
+    tmp = owner.tmp
     lplan = None
     if lora is not None:
         src_dir = src_p if src_p.is_dir() else src_p.parent
@@ -335,8 +341,10 @@ def convert(
     files = ["adapter_model.safetensors"] if adapter else shard_names(len(plan)) if plan else []
 
     dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    warnings += reclaim_stale(dst_p.parent)
+    owner.acquire()
     try:
+        tmp.mkdir()
         for merge in lplan.merges if lplan else []:
             merge.compute()  # W + s * B @ A in fp32, spilled under tmp/.lora-merge
         shards = [
@@ -389,10 +397,11 @@ def convert(
                 written.append("config.json")
         if fsync:
             fsync_dir(tmp)
-        _move_into_place(tmp, dst_p, overwrite=overwrite, fsync=fsync)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        move_into_place(owner, overwrite=overwrite)
+        if fsync:
+            fsync_dir(dst_p.parent)
+    finally:
+        owner.release()
     return ConvertReport(
         dst=dst_p,
         files=written,
@@ -402,24 +411,6 @@ def convert(
         warnings=warnings,
         notes=resolved.notes,
     )
-
-
-def _move_into_place(tmp: Path, dst: Path, *, overwrite: bool, fsync: bool) -> None:
-    if dst.exists():
-        if not overwrite:
-            raise FastckptError(f"destination {dst} already exists (use --overwrite)")
-        old = dst.parent / f".{dst.name}.fastckpt-old-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, old)
-        try:
-            os.rename(tmp, dst)
-        except BaseException:
-            os.rename(old, dst)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
-    if fsync:
-        fsync_dir(dst.parent)
 
 
 def inspect(
@@ -470,9 +461,9 @@ def verify(a: PathLike, b: PathLike) -> VerifyReport:
     """
     ca = open_catalogue(resolve_source(a).weights)
     cb = open_catalogue(resolve_source(b).weights)
-    for side in (ca, cb):
-        if side.undecided is not None:
-            raise FormatError(f"{side.path}: {side.undecided}")
+    for cat in (ca, cb):
+        if cat.undecided is not None:
+            raise FormatError(f"{cat.path}: {cat.undecided}")
     # sorted: the report (and its "first difference") does not depend on the argument order
     names_a, names_b = sorted(ca.model_names()), sorted(cb.model_names())
     set_a, set_b = set(names_a), set(names_b)

@@ -516,9 +516,8 @@ def prune(
     ),
 ) -> None:
     """Remove steps outside the top K by a metric; never the latest or a save in progress."""
-    import shutil
-
-    from fastckpt.runs import plan_prune
+    from fastckpt.fsops import clean_discarded, discard_tree
+    from fastckpt.runs import leftovers, plan_prune, scan_run
 
     with _errors():
         remove, warns = plan_prune(
@@ -530,7 +529,11 @@ def prune(
             for p in s.paths:
                 typer.echo(f"{'would remove' if dry_run else 'removing'} {p}")
                 if not dry_run:
-                    shutil.rmtree(p)
+                    discard_tree(p)
+        if not dry_run:
+            for root in {p.parent for p in leftovers(scan_run(run))}:
+                for note in clean_discarded(root):
+                    _warn(note)
     if not remove:
         typer.echo("nothing to remove")
 
