@@ -333,6 +333,14 @@ def test_flat_param_refused(ts_root: Path, tmp_path: Path) -> None:
     _refused(ts_root / "flat_param_ws2", tmp_path, "_flat_param", "LOCAL_STATE_DICT")
 
 
+def test_sharded_tensor_refused_naming_it_and_the_workaround(ts_root: Path, tmp_path: Path) -> None:
+    """FSDP1 SHARDED_STATE_DICT without a mesh used to fail with "no model state dict found"."""
+    message = _refused(
+        ts_root / "sharded_tensor_ws2", tmp_path, "is a ShardedTensor", "device_mesh"
+    )
+    assert "no model state dict found" not in message
+
+
 def test_plain_replicas_must_agree(ts_root: Path, tmp_path: Path) -> None:
     _refused(ts_root / "plain_differs_ws3", tmp_path, "model_world_size_3_rank_1.pt", "'buf'")
 

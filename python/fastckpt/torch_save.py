@@ -205,6 +205,19 @@ def _flat_param_message(source: str, key: str) -> str:
     )
 
 
+def _is_sharded_tensor(value: Any) -> bool:
+    return isinstance(value, Stub) and "ShardedTensor" in value.qualname()
+
+
+def _sharded_tensor_message(source: str, key: str) -> str:
+    return (
+        f"{source}: entry {key!r} is a ShardedTensor (FSDP1 SHARDED_STATE_DICT without a device "
+        "mesh, veRL FSDP1's default), which fastckpt does not read yet; save with "
+        "FullyShardedDataParallel(..., device_mesh=init_device_mesh('cuda', (world_size,))) or "
+        "FSDP2 (DTensor state dicts), or write the checkpoint with torch.distributed.checkpoint"
+    )
+
+
 def _model_dict(obj: Any, source: str) -> tuple[dict[Any, Any], str]:
     """The model state dict inside a loaded checkpoint, and the key it was found under."""
 
@@ -221,6 +234,9 @@ def _model_dict(obj: Any, source: str) -> tuple[dict[Any, Any], str]:
         flat = [k for k in obj if "_flat_param" in str(k)]
         if flat:
             raise FormatError(_flat_param_message(source, str(flat[0])))
+        sharded = [k for k, v in obj.items() if _is_sharded_tensor(v)]
+        if sharded:
+            raise FormatError(_sharded_tensor_message(source, str(sharded[0])))
         shown = ", ".join(repr(k) for k in list(obj)[:8])
         raise FormatError(f"{source}: no model state dict found (top-level keys: {shown})")
     kind = obj.qualname() if isinstance(obj, Stub) else type(obj).__name__
@@ -260,13 +276,12 @@ def _load_file(path: Path, rank: int) -> _RankFile:
                     if id(mesh) not in out.coords:
                         out.coords[id(mesh)] = _coordinate(archive, mesh, rank, key)
                 out.entries[key] = value
-            elif isinstance(value, Stub) and (
-                "ShardedTensor" in value.qualname() or "wrapper subclass" in value.qualname()
-            ):
+            elif _is_sharded_tensor(value):
+                raise FormatError(_sharded_tensor_message(str(path), key))
+            elif isinstance(value, Stub) and "wrapper subclass" in value.qualname():
                 raise FormatError(
-                    f"{path}: entry {key!r} is a {value.qualname()}, not a DTensor: FSDP1 "
-                    "SHARDED_STATE_DICT without a device mesh (ShardedTensor) and other tensor "
-                    "subclasses are not supported"
+                    f"{path}: entry {key!r} is a {value.qualname()}, not a DTensor: tensor "
+                    "subclasses other than DTensor are not supported"
                 )
             else:
                 out.skipped.append(key)

@@ -316,6 +316,25 @@ def write_geometry(root: Path, ws: int) -> None:
     dist.barrier()
 
 
+def write_sharded_tensor(root: Path, ws: int) -> None:
+    """FSDP1 SHARDED_STATE_DICT without a device mesh (veRL FSDP1's default, older trainers):
+    ``ShardedTensor`` values, saved as veRL rank files (refused, naming the workaround)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    rank = dist.get_rank()
+    model, _ = _model("llama", tied=False, dtype="float32")
+    wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
+    with FSDP.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):
+        state = wrapped.state_dict()
+    case_dir = root / f"sharded_tensor_ws{ws}"
+    if rank == 0:
+        case_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    torch.save(state, _rank_path(case_dir, ws))
+    dist.barrier()
+
+
 def write_flat_param(root: Path, ws: int) -> None:
     """FSDP1 LOCAL_STATE_DICT: ``_flat_param`` ShardedTensors (refused)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -430,6 +449,7 @@ def _cases(ws: int, root: Path) -> None:
                         dtype="float32", critic=True)  # fmt: skip
         write_prime_ranks(root, 2)
         write_flat_param(root, 2)
+        write_sharded_tensor(root, 2)
     elif ws == 3:
         write_verl_case(root, "verl_fsdp2_llama_ws3", ws=3, fsdp=2, arch="llama", tied=False,
                         dtype="float32", logits=True)  # fmt: skip
