@@ -154,6 +154,17 @@ class DestinationExistsError(FastckptError):
         self.path = path
 
 
+def _is_training_run(path: Path) -> bool:
+    """A run dir with a step that is not a converted folder (``convert_steps`` writes those)."""
+    if not is_run_dir(path):
+        return False
+    return any(
+        looks_like_step(p.name) and not any(p.glob("model*.safetensors*"))
+        for p in path.iterdir()
+        if p.is_dir()
+    )
+
+
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
     if dst.is_symlink():
         raise FastckptError(
@@ -161,7 +172,7 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
             "folder, or remove the link"
         )
     s, d = src.resolve(), dst.resolve()
-    if looks_like_step(d.name) and is_run_dir(d.parent):
+    if looks_like_step(d.name) and _is_training_run(d.parent):
         raise FastckptError(
             f"destination {dst} would look like a step of the training run {dst.parent} "
             "(fastckpt ls would list it as an incomplete step); choose another name or folder"
@@ -200,6 +211,7 @@ def convert(
     lora_alpha: float | None = None,
     lora_rslora: bool | None = None,
     with_optimizer: bool = False,
+    ray_address: str | None = None,
 ) -> ConvertReport:
     """Convert a checkpoint into a Hugging Face folder (safetensors shards + index + side files).
 
@@ -237,6 +249,10 @@ def convert(
             from ``adapter_config.json``, else False.
         with_optimizer: also write the consolidated optimizer state (``optimizer.safetensors``
             with ``state.<fqn>.<name>`` + ``optimizer.json`` with param_groups and step).
+        ray_address: write the shards on a Ray cluster (``"auto"``: ``RAY_ADDRESS`` or the
+            running cluster), one task per shard on the nodes, which must all see ``src`` and
+            ``dst``'s parent on a shared filesystem (checked first); see :mod:`fastckpt.cluster`.
+            Needs ``pip install 'fastckpt[ray]'``.
 
     Returns:
         A :class:`ConvertReport`.
@@ -341,6 +357,13 @@ def convert(
     files = ["adapter_model.safetensors"] if adapter else shard_names(len(plan)) if plan else []
 
     dst_p.parent.mkdir(parents=True, exist_ok=True)
+    write = _core.write_shards
+    if ray_address is not None:  # Ray is imported only here
+        from fastckpt.cluster import ray_writer
+
+        files_read = {c.path for e, _ in jobs for c in e.chunks}
+        files_read |= {c.path for e in optim.entries for c in e.chunks} if optim else set()
+        write = ray_writer(ray_address, sources=sorted(files_read), parent=dst_p.parent)
     warnings += reclaim_stale(dst_p.parent)
     owner.acquire()
     try:
@@ -355,9 +378,7 @@ def convert(
             shards.append(
                 ("optimizer.safetensors", [(e.source(), e.meta.dtype) for e in optim.entries])
             )
-        nbytes = _core.write_shards(
-            str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
-        )
+        nbytes = write(str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress)
         shutil.rmtree(tmp / ".lora-merge", ignore_errors=True)
         written = list(files)
         if optim is not None:
