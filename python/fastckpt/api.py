@@ -12,10 +12,13 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastckpt import _core
 from fastckpt._core import FastckptError, FormatError, MappingError
@@ -37,7 +40,7 @@ from fastckpt.hf_files import (
 from fastckpt.lora import adapter_config_bytes, has_lora
 from fastckpt.lora import plan as plan_lora
 from fastckpt.optimizer import read_optimizer
-from fastckpt.runs import is_run_dir, looks_like_step, resolve_source
+from fastckpt.runs import Run, is_run_dir, looks_like_step, resolve_source, scan_run
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], object]
@@ -432,6 +435,89 @@ def convert(
         warnings=warnings,
         notes=resolved.notes,
     )
+
+
+def _parse_steps(run: Run, steps: str | Sequence[int]) -> list[int]:
+    if isinstance(steps, str) and steps.strip() == "all":
+        numbers = [s.step for s in run.complete]
+        if not numbers:
+            run.latest()  # raises, describing the incomplete steps
+        return numbers
+    if isinstance(steps, str):
+        try:
+            numbers = [int(p) for p in steps.split(",") if p.strip()]
+        except ValueError:
+            raise FastckptError(
+                f"invalid steps {steps!r} (use all, or numbers such as 100,200,300)"
+            ) from None
+    else:
+        numbers = list(steps)
+    for n in numbers:
+        run.by_number(n)  # raises on a missing or incomplete step
+    return list(dict.fromkeys(numbers))
+
+
+def convert_steps(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    steps: str | Sequence[int] = "all",
+    role: str | None = None,
+    ray_address: str | None = None,
+    max_parallel: int = 8,
+    progress: Progress | None = None,
+    **options: Any,
+) -> list[ConvertReport]:
+    """Convert several steps of a training run, each into ``dst/step_N/``.
+
+    Args:
+        src: the run directory.
+        dst: the folder that receives one Hugging Face folder per step.
+        steps: ``"all"`` (every complete step), ``"100,200,300"`` or a list of step numbers.
+        role: ``"actor"``/``"policy"`` (default) or ``"critic"``.
+        ray_address: convert on a Ray cluster: up to ``max_parallel`` steps at once, their shard
+            tasks spread over the nodes. Without it the steps are converted one after the other
+            (each local conversion already uses every core and the disk's bandwidth).
+        max_parallel: steps converted at once with ``ray_address``.
+        progress: ``progress(done_bytes, total_bytes)`` summed over the steps started so far.
+        options: any other :func:`convert` keyword (``dtype``, ``max_shard_size``, ...).
+
+    Returns:
+        One :class:`ConvertReport` per step, in step order. Each step's folder appears complete or
+        not at all; on a failure the steps already written stay.
+    """
+    run = scan_run(src, role=role)
+    numbers = _parse_steps(run, steps)
+    dst_p = Path(dst)
+    lock = threading.Lock()
+    sums: dict[int, tuple[int, int]] = {}
+
+    def one(n: int) -> ConvertReport:
+        def step_progress(done: int, total: int) -> None:
+            with lock:
+                sums[n] = (done, total)
+                done_all = sum(d for d, _ in sums.values())
+                total_all = sum(t for _, t in sums.values())
+            if progress is not None:
+                progress(done_all, total_all)
+
+        return convert(
+            src,
+            dst_p / f"step_{n}",
+            step=n,
+            role=role,
+            ray_address=ray_address,
+            progress=step_progress,
+            **options,
+        )
+
+    if ray_address is None or len(numbers) == 1:
+        return [one(n) for n in numbers]
+    from fastckpt.cluster import connect
+
+    connect(ray_address)  # once, before the threads
+    with ThreadPoolExecutor(min(max_parallel, len(numbers)), "fastckpt-step") as pool:
+        return list(pool.map(one, numbers))
 
 
 def inspect(

@@ -56,6 +56,23 @@ StepOpt = Annotated[
     str | None,
     typer.Option(help="For a run directory: latest (default), best, or a step number."),
 ]
+StepsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--step",
+        help="For a run directory: latest (default), best, a step number, or several steps "
+        "(all, or 100,200,300: DST/step_N/ each).",
+    ),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Write the shards on a Ray cluster (auto: RAY_ADDRESS or the running one); its "
+        "nodes must share the filesystem. pip install 'fastckpt[ray]'.",
+    ),
+]
 RoleOpt = Annotated[
     str | None, typer.Option(help="For a run directory: actor|policy (default) or critic.")
 ]
@@ -225,10 +242,11 @@ def convert(
         bool, typer.Option("--fsync/--no-fsync", help="Make the output durable (default on).")
     ] = True,
     quiet: QuietOpt = False,
-    step: StepOpt = None,
+    step: StepsOpt = None,
     role: RoleOpt = None,
     metric: MetricOpt = None,
     lower_is_better: LowerOpt = False,
+    ray: RayOpt = None,
     drop_value_head: Annotated[
         bool,
         typer.Option(help="Leave out a value head (score.*, v_head.*): export the policy."),
@@ -274,13 +292,19 @@ def convert(
     revision: RevisionOpt = None,
     commit_message: CommitMsgOpt = None,
 ) -> None:
-    """Convert a checkpoint, or a step of a training run, into a Hugging Face folder."""
+    """Convert a checkpoint, or steps of a training run, into Hugging Face folders."""
     from fastckpt.api import convert as do_convert
+    from fastckpt.api import convert_steps
 
+    many = step is not None and (step.strip() == "all" or "," in step)
+    if many and (metric is not None or lower_is_better):
+        _err("--metric/--lower-is-better choose one step (--step best); not with several steps")
+        raise typer.Exit(1)
+    if many and push_to_hub is not None:
+        _err("--push-to-hub uploads one folder; push each DST/step_N/ with `fastckpt push`")
+        raise typer.Exit(1)
     with _errors(), _progress_bar(_show_progress(quiet)) as progress:
-        report = do_convert(
-            src,
-            dst,
+        options: dict[str, Any] = dict(
             dtype=dtype,
             max_shard_size=max_shard_size,
             config_from=config_from,
@@ -290,23 +314,36 @@ def convert(
             overwrite=overwrite,
             fsync=fsync,
             progress=progress,
-            step=step,
             role=role,
-            metric=metric,
-            higher_is_better=not lower_is_better,
             drop_value_head=drop_value_head,
             arch=arch,
             lora=lora,
             lora_alpha=lora_alpha,
             lora_rslora=lora_rslora,
             with_optimizer=with_optimizer,
+            ray_address=ray,
         )
-    for w in report.warnings:
-        _warn(w)
-    if not quiet:
-        for note in report.notes:
-            typer.echo(note, err=True)
-        typer.echo(_summary(report), err=True)
+        if many:
+            assert step is not None
+            reports = convert_steps(src, dst, steps=step, **options)
+        else:
+            reports = [
+                do_convert(
+                    src,
+                    dst,
+                    step=step,
+                    metric=metric,
+                    higher_is_better=not lower_is_better,
+                    **options,
+                )
+            ]
+    for report in reports:
+        for w in report.warnings:
+            _warn(w)
+        if not quiet:
+            for note in report.notes:
+                typer.echo(note, err=True)
+            typer.echo(_summary(report), err=True)
     if push_to_hub is not None:
         _push(dst, push_to_hub, private, revision, commit_message, quiet)
 
