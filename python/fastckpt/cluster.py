@@ -199,10 +199,11 @@ def _failure(ray: Any, name: str, task_name: str, exc: BaseException) -> Fastckp
 def ray_writer(address: str, *, sources: Sequence[str | os.PathLike[str]], parent: Path) -> Writer:
     """Check the cluster, then return a drop-in replacement for ``_core.write_shards``.
 
-    Connects first (see :func:`connect`). The returned function runs one Ray task per shard
-    (``num_cpus=1`` each, so a node writes as many shards at once as it has CPUs, each with
-    ``num_threads`` copy threads, default 4), retried up to ``MAX_RETRIES`` times. Progress is
-    reported per finished shard. On a failure or an interrupt the other tasks are cancelled.
+    Connects first (see :func:`connect`). The returned function runs one Ray task per shard,
+    spread over the nodes: ``num_cpus=1`` each, so a node writes at most as many shards at once as
+    it has CPUs, each with ``num_threads`` copy threads (default 4). A task is retried up to
+    ``MAX_RETRIES`` times. Progress is reported per finished shard. On a failure or an interrupt
+    the other tasks are cancelled.
     """
     ray = connect(address)
     check_nodes(ray, sources, parent)
@@ -222,7 +223,11 @@ def ray_writer(address: str, *, sources: Sequence[str | os.PathLike[str]], paren
         for shard in shards:
             task_name = f"fastckpt-write:{Path(directory).name}/{shard[0]}"
             ref = task.options(
-                num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=True, name=task_name
+                num_cpus=1,
+                max_retries=MAX_RETRIES,
+                retry_exceptions=True,
+                name=task_name,
+                scheduling_strategy="SPREAD",  # each node's share of the filesystem bandwidth
             ).remote(directory, shard, num_threads or TASK_THREADS, fsync)
             pending[ref] = (shard[0], task_name)
         try:
