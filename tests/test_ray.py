@@ -135,7 +135,7 @@ def test_bit_exact_and_spread_over_both_workers(cluster: Cluster, tmp_path: Path
     _same_files(tmp_path / "ray", tmp_path / "local")
     assert seen[-1] == (90_752, 90_752) and all(d <= t for d, t in seen)
     assert _leftovers(tmp_path) == []
-    tasks = _write_tasks()
+    tasks = _write_tasks(".ray.fastckpt-tmp-")
     assert len(tasks) == 6, tasks
     assert {t.node_id for t in tasks} == _worker_ids(cluster)  # both workers, never the head
 
