@@ -19,9 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.core
 
 if TYPE_CHECKING:
     from fastckpt.api import ConvertReport
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the usual form, ``fastckpt convert [OPTIONS] SRC DST`` (typer writes
+    required arguments as ``{SRC}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:  # typer's own click Context
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p[:1] == "{" and p[-1:] == "}" else p for p in pieces]
+
 
 app = typer.Typer(
     name="fastckpt",
@@ -197,7 +208,7 @@ def _summary(report: ConvertReport) -> str:
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def convert(
     src: SrcArg,
     dst: DstArg,
@@ -311,7 +322,7 @@ def convert(
         _push(dst, push_to_hub, private, revision, commit_message, quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     src: SrcArg,
     json_out: JsonOpt = False,
@@ -365,7 +376,7 @@ def inspect(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     a: Annotated[
         Path, typer.Argument(metavar="A", help="First checkpoint (a run dir: its latest step).")
@@ -429,7 +440,7 @@ def _push(
         typer.echo(f"uploaded {len(report.files)} files from {folder} to {where}", err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
     folder: Annotated[Path, typer.Argument(help="A converted Hugging Face folder.")],
     repo: Annotated[str, typer.Argument(help="Hub repository, user/name or org/name.")],
@@ -442,7 +453,7 @@ def push(
     _push(folder, repo, private, revision, commit_message, quiet)
 
 
-@app.command("ls")
+@app.command("ls", cls=_Command)
 def ls_run(
     run: RunArg,
     role: RoleOpt = None,
@@ -503,7 +514,7 @@ def _human(n: int) -> str:
     return f"{size:.1f} TB"
 
 
-@app.command()
+@app.command(cls=_Command)
 def prune(
     run: RunArg,
     keep_top_k: Annotated[
