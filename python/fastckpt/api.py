@@ -251,6 +251,7 @@ def convert(
         side = find_side_files([cfg_dir])
     else:
         side = find_side_files(cat.side_dirs)
+    warnings += side.skipped if copy_files else []
     config = side.config
     # Megatron: a config from its args (made, and maybe refused, only when it is needed)
     derived = getattr(cat.reader, "derived_config", None) if copy_files and config is None else None

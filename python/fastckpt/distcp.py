@@ -15,6 +15,7 @@ from typing import Any
 
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
+from fastckpt.safeio import plain_name
 from fastckpt.torch_pickle import (
     METADATA_GLOBALS,
     TORCH_TO_ST,
@@ -284,12 +285,16 @@ class DcpReader:
                     )
                 if info.transform_descriptors:
                     raise FormatError(
-                        f"{self.directory / str(info.relative_path)}: tensor {meta.key!r} is "
+                        f"{self.directory}: tensor {meta.key!r} is "
                         f"{describe_transforms(info.transform_descriptors)}; fastckpt copies "
                         "tensor bytes straight from uncompressed DCP items and cannot read it: "
                         f"{_DECOMPRESS_HINT}"
                     )
-                by_file[str(info.relative_path)].append(
+                rel = plain_name(
+                    info.relative_path,
+                    where=f"{self.directory / '.metadata'}: tensor {meta.key!r}",
+                )
+                by_file[rel].append(
                     (int(info.offset), int(info.length), meta, chunk)
                 )
         for rel, items in by_file.items():

@@ -42,6 +42,7 @@ from fastckpt import _core
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta
 from fastckpt.distcp import DcpReader, normalise_name
+from fastckpt.safeio import item_path
 from fastckpt.torch_pickle import (
     BytesStorageMetadata,
     DTensorRef,
@@ -166,7 +167,7 @@ def _read_bytes_item(directory: Path, reader: DcpReader, key: str) -> Any:
     info = reader.md.storage_data.get(MetadataIndex(key))
     if info is None:
         raise FormatError(f"{directory}: no storage entry for {key!r}")
-    path = directory / str(info.relative_path)
+    path = item_path(directory, info.relative_path, where=f"{directory / '.metadata'}: {key!r}")
     offset, length = int(info.offset), int(info.length)
     if length > MAX_VALUE_BYTES:
         raise FormatError(f"{path}: item {key!r} is implausibly large ({length} bytes)")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fastckpt._core import FormatError
+from fastckpt.safeio import open_regular, short
 
 # --------------------------------------------------------------------------------------------
 # dtypes
@@ -567,8 +568,8 @@ class TorchZip:
 
 
 def open_fd(path: str) -> int:
-    """Open ``path`` read-only (a small helper so callers close it with ``os.close``)."""
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """Open a regular file read-only, never blocking (close it with ``os.close``)."""
+    return open_regular(path)
 
 
 # --------------------------------------------------------------------------------------------
