@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -103,14 +104,16 @@ def torch_itemsize(dtype: str) -> int:
     try:
         return _ITEM_SIZES[dtype]
     except KeyError:
-        raise FormatError(f"unsupported torch dtype {dtype!r}") from None
+        raise FormatError(f"unsupported torch dtype {short(dtype)}") from None
 
 
 class DType(str):
     """A torch dtype named in a pickle (``torch.bfloat16`` becomes ``DType("bfloat16")``)."""
 
+    __slots__ = ()  # shared by every call: no attributes a pickle could set
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     """A storage named by a persistent id: ``data/<key>`` in the archive."""
 
@@ -119,7 +122,7 @@ class StorageRef:
     numel: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRef:
     """A tensor rebuilt lazily: where its elements live, never the elements themselves."""
 
@@ -154,8 +157,8 @@ class _Record:
             return defaults[name]
         raise AttributeError(name)
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+    def __repr__(self) -> str:  # bounded: values may be an exponential pickled DAG
+        fields = ", ".join(f"{k}={short(v)}" for k, v in list(self.__dict__.items())[:8])
         return f"{type(self).__name__}({fields})"
 
 
@@ -250,19 +253,36 @@ _MEM_FORMATS = {0: "contiguous", 1: "channels_last", 2: "preserve"}
 
 
 def _mem_format(value: int) -> str:
-    return _MEM_FORMATS.get(value, str(value))
+    return _MEM_FORMATS.get(value, short(value)) if isinstance(value, int) else "unknown"
 
 
 def _path(*parts: Any) -> str:
-    return "/".join(str(p) for p in parts)
+    if not all(isinstance(p, str) for p in parts):
+        raise FormatError("pickled path with a part that is not a string")
+    return "/".join(parts)
 
 
-def _identity(value: Any) -> Any:
+def _data(value: Any) -> Any:
+    """A value passed through by a stand-in: data only, never a global (class, function)."""
+    if callable(value) or isinstance(value, type):
+        raise FormatError(f"refusing to pass a pickled global through ({type(value).__name__})")
     return value
 
 
+def _identity(value: Any) -> Any:
+    return _data(value)
+
+
+#: most dimensions a tensor shape may have (torch allows 64)
+MAX_DIMS = 64
+
+
 def _size(value: Any = ()) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
+    if not isinstance(value, tuple | list) or len(value) > MAX_DIMS:
+        raise FormatError(f"malformed pickled shape {short(value)}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise FormatError(f"malformed pickled shape {short(value)}")
+    return tuple(value)
 
 
 _DCP_CLASSES: dict[str, type] = {
@@ -334,20 +354,32 @@ def _rebuild_tensor_v3(
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
-    return data
+    return _data(data)
 
 
 def _rebuild_parameter_with_state(
     data: Any, requires_grad: Any, backward_hooks: Any, state: Any
 ) -> Any:
-    return data
+    return _data(data)
 
 
 class _StorageType:
-    """A storage class named in a persistent id (``torch.FloatStorage``, ``UntypedStorage``)."""
+    """A storage class named in a persistent id (``torch.FloatStorage``, ``UntypedStorage``).
+
+    Shared by every call, so immutable: no ``__dict__``, and ``setattr`` refused.
+    """
+
+    __slots__ = ("dtype",)
+    dtype: str
 
     def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
+        object.__setattr__(self, "dtype", dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FormatError("refusing to modify a pickle stand-in")
+
+    def __delattr__(self, name: str) -> None:
+        raise FormatError("refusing to modify a pickle stand-in")
 
 
 def _tensor_globals() -> dict[tuple[str, str], Any]:
@@ -376,6 +408,230 @@ METADATA_GLOBALS = {**_common_globals(), **_metadata_globals()}
 TENSOR_GLOBALS = {**_common_globals(), **_tensor_globals()}
 
 
+# --------------------------------------------------------------------------------------------
+# bounds: a scan of the opcodes before the C unpickler runs
+#
+# The C unpickler trusts its input in ways that cost memory or the C stack: ``LONG_BINPUT`` with a
+# huge index resizes the memo to that index, a length-prefixed string is allocated before it is
+# read, and hashing a tuple nested a million deep (one byte per level) recurses in C until the
+# process dies. One pass over the opcodes, simulating the stack as nesting depths, refuses such
+# input before anything is built. It also refuses ``BUILD`` onto a global (a stand-in shared by
+# every call), out-of-band buffers and the copyreg extension registry.
+
+#: deepest nesting of containers and objects a pickle may build (real ones stay below 20)
+MAX_DEPTH = 100
+
+_A_LINE, _A_LINE2, _A_LEN1, _A_LEN4, _A_LEN4U, _A_LEN8U = -1, -6, -2, -3, -4, -5
+(_SCALAR, _EMPTY, _MARK, _FROM_MARK, _TUPLE1, _TUPLE2, _TUPLE3, _APPEND, _INTO_MARKED,
+ _SETITEM, _POP, _POP_MARK, _DUP, _GET, _PUT, _MEMOIZE, _GLOBAL, _STACK_GLOBAL, _INST, _OBJ,
+ _NEWOBJ, _NEWOBJ_EX, _REDUCE, _BUILD, _BINPERSID, _PERSID, _STOP, _FRAME, _PROTO,
+ _REFUSE) = range(30)  # fmt: skip
+
+_EFFECTS: dict[str, int] = {
+    **dict.fromkeys(
+        ["INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
+         "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE",
+         "NEWTRUE", "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+         "FLOAT", "BINFLOAT"], _SCALAR),  # fmt: skip
+    **dict.fromkeys(["EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_DICT", "EMPTY_SET"], _EMPTY),
+    **dict.fromkeys(["LIST", "TUPLE", "DICT", "FROZENSET"], _FROM_MARK),
+    **dict.fromkeys(["APPENDS", "SETITEMS", "ADDITEMS"], _INTO_MARKED),
+    **dict.fromkeys(["GET", "BINGET", "LONG_BINGET"], _GET),
+    **dict.fromkeys(["PUT", "BINPUT", "LONG_BINPUT"], _PUT),
+    **dict.fromkeys(["EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"], _REFUSE),
+    "MARK": _MARK, "TUPLE1": _TUPLE1, "TUPLE2": _TUPLE2, "TUPLE3": _TUPLE3, "APPEND": _APPEND,
+    "SETITEM": _SETITEM, "POP": _POP, "POP_MARK": _POP_MARK, "DUP": _DUP, "MEMOIZE": _MEMOIZE,
+    "GLOBAL": _GLOBAL, "STACK_GLOBAL": _STACK_GLOBAL, "INST": _INST, "OBJ": _OBJ,
+    "NEWOBJ": _NEWOBJ, "NEWOBJ_EX": _NEWOBJ_EX, "REDUCE": _REDUCE, "BUILD": _BUILD,
+    "BINPERSID": _BINPERSID, "PERSID": _PERSID, "STOP": _STOP, "FRAME": _FRAME, "PROTO": _PROTO,
+}  # fmt: skip
+
+
+def _scan_table() -> list[tuple[int, int, str] | None]:
+    table: list[tuple[int, int, str] | None] = [None] * 256
+    for op in pickletools.opcodes:
+        arg = 0 if op.arg is None else op.arg.n
+        if op.name in ("GLOBAL", "INST"):
+            arg = _A_LINE2
+        table[op.code.encode("latin-1")[0]] = (arg, _EFFECTS[op.name], op.name)
+    return table
+
+
+_SCAN_TABLE = _scan_table()
+
+
+def scan_pickle(data: bytes, *, source: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse a pickle whose loading could exhaust memory or the C stack, before it is loaded.
+
+    Checks every opcode: argument lengths within the data, memo indices no larger than the data,
+    nesting depth at most ``max_depth``, no ``BUILD`` onto a global, no out-of-band buffers or
+    extension codes, a ``STOP``. Stack items are tracked as ``depth << 1 | is_global``.
+    """
+    n = len(data)
+    table = _SCAN_TABLE
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+    fence = 0
+    i = 0
+
+    def bad(what: str) -> FormatError:
+        return FormatError(f"{source}: cannot read pickle: {what} (byte {i})")
+
+    try:
+        while True:
+            entry = table[data[i]]
+            if entry is None:
+                raise bad(f"unknown opcode 0x{data[i]:02x}")
+            argkind, effect, name = entry
+            i += 1
+            at = i
+            if argkind > 0:
+                i += argkind
+            elif argkind == 0:
+                pass
+            elif argkind == _A_LINE:
+                i = data.index(b"\n", i) + 1
+            elif argkind == _A_LINE2:
+                i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
+            elif argkind == _A_LEN1:
+                i += 1 + data[i]
+            elif argkind == _A_LEN4:
+                length = int.from_bytes(data[i : i + 4], "little", signed=True)
+                if length < 0:
+                    raise bad(f"negative {name} length")
+                i += 4 + length
+            elif argkind == _A_LEN4U:
+                i += 4 + int.from_bytes(data[i : i + 4], "little")
+            else:  # _A_LEN8U
+                i += 8 + int.from_bytes(data[i : i + 8], "little")
+            if i > n:
+                raise bad(f"{name} runs past the end of the data")
+            if effect == _SCALAR:
+                stack.append(0)
+                continue
+            if effect == _GET:
+                idx = (
+                    data[at] if name == "BINGET"
+                    else int.from_bytes(data[at : at + 4], "little") if name == "LONG_BINGET"
+                    else int(data[at : i - 1])
+                )  # fmt: skip
+                stack.append(memo[idx])
+                continue
+            if effect == _PUT:
+                idx = (
+                    data[at] if name == "BINPUT"
+                    else int.from_bytes(data[at : at + 4], "little") if name == "LONG_BINPUT"
+                    else int(data[at : i - 1])
+                )  # fmt: skip
+                if not 0 <= idx <= n:
+                    raise bad(f"memo index {idx} in a {n}-byte pickle")
+                if len(stack) <= fence:
+                    raise bad("stack underflow")
+                memo[idx] = stack[-1]
+                continue
+            if effect == _MEMOIZE:
+                if len(stack) <= fence:
+                    raise bad("stack underflow")
+                memo[len(memo)] = stack[-1]
+                continue
+            if effect == _EMPTY:
+                stack.append(2)
+                continue
+            if effect == _MARK:
+                marks.append(len(stack))
+                fence = len(stack)
+                continue
+            if effect in (_FROM_MARK, _INST, _OBJ, _INTO_MARKED, _POP_MARK):
+                if not marks:
+                    raise bad("no MARK")
+                k = marks.pop()
+                items = stack[k:]
+                del stack[k:]
+                fence = marks[-1] if marks else 0
+                if effect == _POP_MARK:
+                    continue
+                depth = 1 + max(items, default=0) // 2
+                if effect == _INTO_MARKED:
+                    if len(stack) <= fence:
+                        raise bad("stack underflow")
+                    top = stack[-1]
+                    stack[-1] = max(top >> 1, depth) << 1 | (top & 1)
+                else:
+                    stack.append(depth << 1)
+                if depth > max_depth:
+                    raise bad(f"nested deeper than {max_depth}")
+                continue
+            popped = {_TUPLE1: 1, _TUPLE2: 2, _TUPLE3: 3, _APPEND: 1, _SETITEM: 2, _DUP: 0,
+                      _STACK_GLOBAL: 2, _NEWOBJ: 2, _NEWOBJ_EX: 3, _REDUCE: 2, _BUILD: 1,
+                      _BINPERSID: 1, _POP: 1}.get(effect)  # fmt: skip
+            if popped is not None:
+                if effect == _POP and len(stack) <= fence and marks:
+                    marks.pop()  # as CPython: POP right after MARK drops the mark
+                    fence = marks[-1] if marks else 0
+                    continue
+                if len(stack) - popped < fence + (effect in (_APPEND, _SETITEM, _BUILD, _DUP)):
+                    raise bad("stack underflow")
+                items = stack[len(stack) - popped :]
+                del stack[len(stack) - popped :]
+                depth = 1 + max(items, default=0) // 2
+                if effect in (_APPEND, _SETITEM, _BUILD):
+                    top = stack[-1]
+                    if effect == _BUILD and top & 1:
+                        raise bad("BUILD onto a global")
+                    stack[-1] = max(top >> 1, depth) << 1 | (top & 1)
+                elif effect == _DUP:
+                    stack.append(stack[-1])
+                elif effect == _STACK_GLOBAL:
+                    stack.append(1)
+                elif effect == _REDUCE:
+                    depth = 1 + items[1] // 2
+                    stack.append(depth << 1)
+                elif effect != _POP:
+                    stack.append(depth << 1)
+                if depth > max_depth:
+                    raise bad(f"nested deeper than {max_depth}")
+                continue
+            if effect == _GLOBAL:
+                stack.append(1)
+            elif effect == _PERSID:
+                stack.append(2)
+            elif effect == _STOP:
+                return
+            elif effect == _REFUSE:
+                raise bad(f"unsupported opcode {name}")
+            # _FRAME, _PROTO: nothing to check (the frame's opcodes follow and are scanned)
+    except (IndexError, ValueError, KeyError) as exc:
+        what = {IndexError: "truncated", ValueError: "malformed argument", KeyError: "bad memo"}
+        raise bad(f"{what[type(exc)]} ({type(exc).__name__})") from None
+
+
+
+class _Sized:
+    """A size-taking builtin (``set``, ``bytearray``, ``range``, ...) bound to one unpickler's
+    element budget: a 9-byte pickle cannot ask for ``bytearray(10**9)``. Immutable."""
+
+    __slots__ = ("_fn", "_owner")
+
+    def __init__(self, fn: Any, owner: RestrictedUnpickler) -> None:
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_owner", owner)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FormatError("refusing to modify a pickle stand-in")
+
+    def __call__(self, *args: Any) -> Any:
+        for a in args:
+            if isinstance(a, int) and not isinstance(a, bool):
+                self._owner.spend(max(0, a) if self._fn is bytearray else 0)
+            elif hasattr(a, "__len__"):
+                self._owner.spend(len(a))
+        value = self._fn(*args)
+        if isinstance(value, range):
+            self._owner.spend(len(value))
+        return value
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves globals only through an allow-list of local stand-ins.
 
@@ -396,28 +652,59 @@ class RestrictedUnpickler(pickle.Unpickler):
         storages: bool = False,
     ) -> None:
         super().__init__(file)
+        self._data = file.getvalue() if isinstance(file, io.BytesIO) else None
         self._allowed = allowed
         self._source = source
         self._storages = storages
+        # elements that the size-taking builtins (set, bytearray, range, ...) may still create
+        self._budget = 4096 + 8 * len(self._data or b"")
+
+    def load(self) -> Any:
+        """Scan the opcodes (:func:`scan_pickle`), then unpickle."""
+        if self._data is None:
+            raise FormatError(f"{self._source}: the restricted unpickler needs in-memory data")
+        scan_pickle(self._data, source=self._source)
+        try:
+            return super().load()
+        except FormatError as exc:  # raised by a stand-in: name the file
+            if str(exc).startswith(self._source):
+                raise
+            raise FormatError(f"{self._source}: {exc}") from None
+        except Exception as exc:  # corrupt pickle, or a stand-in refusing its arguments
+            raise FormatError(
+                f"{self._source}: cannot read pickle ({type(exc).__name__}: {short(str(exc))})"
+            ) from None
+
+    def spend(self, n: int) -> None:
+        """Account for ``n`` elements created by a call; refuse a memory bomb."""
+        self._budget -= n
+        if self._budget < 0:
+            raise FormatError(
+                f"{self._source}: refusing pickle: its calls would create more elements than "
+                "its size allows (a memory bomb?)"
+            )
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self._allowed[(module, name)]
+            found = self._allowed[(module, name)]
         except KeyError:
             raise FormatError(
                 f"{self._source}: refusing to load pickled global {module}.{name} "
                 "(not on fastckpt's allow-list; nothing was executed)"
             ) from None
+        return _Sized(found, self) if id(found) in _SIZED_BUILTINS else found
 
     def persistent_load(self, pid: Any) -> Any:
         if not self._storages:
             raise FormatError(f"{self._source}: unexpected persistent id in pickle")
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise FormatError(f"{self._source}: unsupported persistent id {pid!r}")
+            raise FormatError(f"{self._source}: unsupported persistent id {short(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise FormatError(f"{self._source}: unsupported storage type {storage_type!r}")
-        return StorageRef(str(key), storage_type.dtype, int(numel))
+            raise FormatError(f"{self._source}: unsupported storage type {short(storage_type)}")
+        if not isinstance(key, str | int) or not isinstance(numel, int) or numel < 0:
+            raise FormatError(f"{self._source}: malformed storage reference {short(pid)}")
+        return StorageRef(str(key), storage_type.dtype, numel)
 
 
 def restricted_loads(
@@ -501,6 +788,8 @@ class TorchZip:
         self.path = path
         self._fd = fd
         self._offset = offset
+        if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 0:
+            raise FormatError(f"{path}: invalid item location (offset {offset}, length {length})")
         window = FileWindow(fd, offset, length)
         head = os.pread(fd, 4, offset)
         if head != b"PK\x03\x04":
@@ -513,6 +802,10 @@ class TorchZip:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
             raise FormatError(f"{path}: corrupt zip item at byte {offset}: {exc}") from None
+        except (NotImplementedError, OverflowError, UnicodeError, TypeError) as exc:
+            raise FormatError(
+                f"{path}: unsupported zip item at byte {offset} ({type(exc).__name__}: {exc})"
+            ) from None
         self.entries: dict[str, ZipEntry] = {}
         self.prefix = ""
         for info in infos:
@@ -536,6 +829,8 @@ class TorchZip:
             raise FormatError(f"{path}: big-endian torch archives are not supported")
 
     def _data_start(self, info: zipfile.ZipInfo) -> int:
+        if info.header_offset < 0:
+            raise FormatError(f"{self.path}: bad local zip header offset for {info.filename}")
         header = os.pread(self._fd, 30, self._offset + info.header_offset)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise FormatError(f"{self.path}: bad local zip header for {info.filename}")
@@ -605,6 +900,8 @@ _DENIED_GLOBALS = frozenset(
 )
 
 #: builtins that real state dicts use and that are safe to call
+#: the builtins whose arguments size what they allocate (wrapped by :class:`_Sized`)
+_SIZED_BUILTINS = frozenset(map(id, (set, frozenset, bytearray, range)))
 _SAFE_BUILTINS: dict[str, Any] = {
     "set": set,
     "frozenset": frozenset,
@@ -699,7 +996,7 @@ class DTensorType(_DRecord):
     """The ``DTensor`` class itself, named as ``new_type`` of ``_rebuild_from_type_v2``."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DTensorRef:
     """A DTensor as pickled on one rank: its local tensor, global shape and spec."""
 
@@ -772,11 +1069,11 @@ def _stub_getattr(obj: Any, name: Any) -> Any:
     allowed on stub classes only, giving another stub class; never a real attribute lookup."""
     if isinstance(obj, type) and issubclass(obj, Stub):
         return _make_stub(obj.qualname(), str(name))
-    raise FormatError(f"refusing pickled getattr({type(obj).__name__}, {name!r})")
+    raise FormatError(f"refusing pickled getattr({type(obj).__name__}, {short(name)})")
 
 
 def _device(*args: Any) -> str:
-    return str(args[0]) if args else "cpu"
+    return (args[0] if isinstance(args[0], str) else short(args[0])) if args else "cpu"
 
 
 def _state_dict_globals() -> dict[tuple[str, str], Any]:
