@@ -41,7 +41,10 @@ impl SourceFile {
             .map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
-            return Err(Error::format(path, "not a regular file; refusing to read it"));
+            return Err(Error::format(
+                path,
+                "not a regular file; refusing to read it",
+            ));
         }
         let len = meta.len();
         let map = if len == 0 {

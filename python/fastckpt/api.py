@@ -294,6 +294,7 @@ def convert(
         entries = lplan.entries
         warnings += lplan.warnings
     optim = read_optimizer(cat) if with_optimizer else None
+    warnings += optim.warnings if optim is not None else []
     by_name = {e.name: e for e in entries}
     merged = set(lplan.out_dtype) if lplan else set()
     if (

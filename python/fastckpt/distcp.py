@@ -294,9 +294,7 @@ class DcpReader:
                     info.relative_path,
                     where=f"{self.directory / '.metadata'}: tensor {meta.key!r}",
                 )
-                by_file[rel].append(
-                    (int(info.offset), int(info.length), meta, chunk)
-                )
+                by_file[rel].append((int(info.offset), int(info.length), meta, chunk))
         for rel, items in by_file.items():
             path = self.directory / rel
             fd = self._open(path, items[0][2])

@@ -126,7 +126,9 @@ def open_regular(path: str | os.PathLike[str], *, nofollow: bool = False) -> int
         fd = os.open(path, flags)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise FormatError(f"{os.fspath(path)}: a symbolic link; refusing to follow it") from None
+            raise FormatError(
+                f"{os.fspath(path)}: a symbolic link; refusing to follow it"
+            ) from None
         raise
     try:
         mode = os.fstat(fd).st_mode

@@ -19,12 +19,12 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import pickletools
 import struct
 import zipfile
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from fastckpt import _core
 from fastckpt._core import FormatError
 from fastckpt.safeio import open_regular, short
 
@@ -409,202 +409,24 @@ TENSOR_GLOBALS = {**_common_globals(), **_tensor_globals()}
 
 
 # --------------------------------------------------------------------------------------------
-# bounds: a scan of the opcodes before the C unpickler runs
-#
-# The C unpickler trusts its input in ways that cost memory or the C stack: ``LONG_BINPUT`` with a
-# huge index resizes the memo to that index, a length-prefixed string is allocated before it is
-# read, and hashing a tuple nested a million deep (one byte per level) recurses in C until the
-# process dies. One pass over the opcodes, simulating the stack as nesting depths, refuses such
-# input before anything is built. It also refuses ``BUILD`` onto a global (a stand-in shared by
-# every call), out-of-band buffers and the copyreg extension registry.
+# bounds
 
 #: deepest nesting of containers and objects a pickle may build (real ones stay below 20)
 MAX_DEPTH = 100
-
-_A_LINE, _A_LINE2, _A_LEN1, _A_LEN4, _A_LEN4U, _A_LEN8U = -1, -6, -2, -3, -4, -5
-(_SCALAR, _EMPTY, _MARK, _FROM_MARK, _TUPLE1, _TUPLE2, _TUPLE3, _APPEND, _INTO_MARKED,
- _SETITEM, _POP, _POP_MARK, _DUP, _GET, _PUT, _MEMOIZE, _GLOBAL, _STACK_GLOBAL, _INST, _OBJ,
- _NEWOBJ, _NEWOBJ_EX, _REDUCE, _BUILD, _BINPERSID, _PERSID, _STOP, _FRAME, _PROTO,
- _REFUSE) = range(30)  # fmt: skip
-
-_EFFECTS: dict[str, int] = {
-    **dict.fromkeys(
-        ["INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
-         "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE",
-         "NEWTRUE", "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
-         "FLOAT", "BINFLOAT"], _SCALAR),  # fmt: skip
-    **dict.fromkeys(["EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_DICT", "EMPTY_SET"], _EMPTY),
-    **dict.fromkeys(["LIST", "TUPLE", "DICT", "FROZENSET"], _FROM_MARK),
-    **dict.fromkeys(["APPENDS", "SETITEMS", "ADDITEMS"], _INTO_MARKED),
-    **dict.fromkeys(["GET", "BINGET", "LONG_BINGET"], _GET),
-    **dict.fromkeys(["PUT", "BINPUT", "LONG_BINPUT"], _PUT),
-    **dict.fromkeys(["EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"], _REFUSE),
-    "MARK": _MARK, "TUPLE1": _TUPLE1, "TUPLE2": _TUPLE2, "TUPLE3": _TUPLE3, "APPEND": _APPEND,
-    "SETITEM": _SETITEM, "POP": _POP, "POP_MARK": _POP_MARK, "DUP": _DUP, "MEMOIZE": _MEMOIZE,
-    "GLOBAL": _GLOBAL, "STACK_GLOBAL": _STACK_GLOBAL, "INST": _INST, "OBJ": _OBJ,
-    "NEWOBJ": _NEWOBJ, "NEWOBJ_EX": _NEWOBJ_EX, "REDUCE": _REDUCE, "BUILD": _BUILD,
-    "BINPERSID": _BINPERSID, "PERSID": _PERSID, "STOP": _STOP, "FRAME": _FRAME, "PROTO": _PROTO,
-}  # fmt: skip
-
-
-def _scan_table() -> list[tuple[int, int, str] | None]:
-    table: list[tuple[int, int, str] | None] = [None] * 256
-    for op in pickletools.opcodes:
-        arg = 0 if op.arg is None else op.arg.n
-        if op.name in ("GLOBAL", "INST"):
-            arg = _A_LINE2
-        table[op.code.encode("latin-1")[0]] = (arg, _EFFECTS[op.name], op.name)
-    return table
-
-
-_SCAN_TABLE = _scan_table()
 
 
 def scan_pickle(data: bytes, *, source: str, max_depth: int = MAX_DEPTH) -> None:
     """Refuse a pickle whose loading could exhaust memory or the C stack, before it is loaded.
 
-    Checks every opcode: argument lengths within the data, memo indices no larger than the data,
-    nesting depth at most ``max_depth``, no ``BUILD`` onto a global, no out-of-band buffers or
-    extension codes, a ``STOP``. Stack items are tracked as ``depth << 1 | is_global``.
+    The C unpickler trusts its input: ``LONG_BINPUT`` with a huge index resizes the memo to that
+    index, a length-prefixed string is allocated before it is read, and hashing a tuple nested a
+    million deep recurses in C until the process dies. ``_core.scan_pickle`` (Rust, one pass
+    over the opcodes) refuses such input, and ``BUILD`` onto a global, before anything is built.
     """
-    n = len(data)
-    table = _SCAN_TABLE
-    stack: list[int] = []
-    marks: list[int] = []
-    memo: dict[int, int] = {}
-    fence = 0
-    i = 0
-
-    def bad(what: str) -> FormatError:
-        return FormatError(f"{source}: cannot read pickle: {what} (byte {i})")
-
     try:
-        while True:
-            entry = table[data[i]]
-            if entry is None:
-                raise bad(f"unknown opcode 0x{data[i]:02x}")
-            argkind, effect, name = entry
-            i += 1
-            at = i
-            if argkind > 0:
-                i += argkind
-            elif argkind == 0:
-                pass
-            elif argkind == _A_LINE:
-                i = data.index(b"\n", i) + 1
-            elif argkind == _A_LINE2:
-                i = data.index(b"\n", data.index(b"\n", i) + 1) + 1
-            elif argkind == _A_LEN1:
-                i += 1 + data[i]
-            elif argkind == _A_LEN4:
-                length = int.from_bytes(data[i : i + 4], "little", signed=True)
-                if length < 0:
-                    raise bad(f"negative {name} length")
-                i += 4 + length
-            elif argkind == _A_LEN4U:
-                i += 4 + int.from_bytes(data[i : i + 4], "little")
-            else:  # _A_LEN8U
-                i += 8 + int.from_bytes(data[i : i + 8], "little")
-            if i > n:
-                raise bad(f"{name} runs past the end of the data")
-            if effect == _SCALAR:
-                stack.append(0)
-                continue
-            if effect == _GET:
-                idx = (
-                    data[at] if name == "BINGET"
-                    else int.from_bytes(data[at : at + 4], "little") if name == "LONG_BINGET"
-                    else int(data[at : i - 1])
-                )  # fmt: skip
-                stack.append(memo[idx])
-                continue
-            if effect == _PUT:
-                idx = (
-                    data[at] if name == "BINPUT"
-                    else int.from_bytes(data[at : at + 4], "little") if name == "LONG_BINPUT"
-                    else int(data[at : i - 1])
-                )  # fmt: skip
-                if not 0 <= idx <= n:
-                    raise bad(f"memo index {idx} in a {n}-byte pickle")
-                if len(stack) <= fence:
-                    raise bad("stack underflow")
-                memo[idx] = stack[-1]
-                continue
-            if effect == _MEMOIZE:
-                if len(stack) <= fence:
-                    raise bad("stack underflow")
-                memo[len(memo)] = stack[-1]
-                continue
-            if effect == _EMPTY:
-                stack.append(2)
-                continue
-            if effect == _MARK:
-                marks.append(len(stack))
-                fence = len(stack)
-                continue
-            if effect in (_FROM_MARK, _INST, _OBJ, _INTO_MARKED, _POP_MARK):
-                if not marks:
-                    raise bad("no MARK")
-                k = marks.pop()
-                items = stack[k:]
-                del stack[k:]
-                fence = marks[-1] if marks else 0
-                if effect == _POP_MARK:
-                    continue
-                depth = 1 + max(items, default=0) // 2
-                if effect == _INTO_MARKED:
-                    if len(stack) <= fence:
-                        raise bad("stack underflow")
-                    top = stack[-1]
-                    stack[-1] = max(top >> 1, depth) << 1 | (top & 1)
-                else:
-                    stack.append(depth << 1)
-                if depth > max_depth:
-                    raise bad(f"nested deeper than {max_depth}")
-                continue
-            popped = {_TUPLE1: 1, _TUPLE2: 2, _TUPLE3: 3, _APPEND: 1, _SETITEM: 2, _DUP: 0,
-                      _STACK_GLOBAL: 2, _NEWOBJ: 2, _NEWOBJ_EX: 3, _REDUCE: 2, _BUILD: 1,
-                      _BINPERSID: 1, _POP: 1}.get(effect)  # fmt: skip
-            if popped is not None:
-                if effect == _POP and len(stack) <= fence and marks:
-                    marks.pop()  # as CPython: POP right after MARK drops the mark
-                    fence = marks[-1] if marks else 0
-                    continue
-                if len(stack) - popped < fence + (effect in (_APPEND, _SETITEM, _BUILD, _DUP)):
-                    raise bad("stack underflow")
-                items = stack[len(stack) - popped :]
-                del stack[len(stack) - popped :]
-                depth = 1 + max(items, default=0) // 2
-                if effect in (_APPEND, _SETITEM, _BUILD):
-                    top = stack[-1]
-                    if effect == _BUILD and top & 1:
-                        raise bad("BUILD onto a global")
-                    stack[-1] = max(top >> 1, depth) << 1 | (top & 1)
-                elif effect == _DUP:
-                    stack.append(stack[-1])
-                elif effect == _STACK_GLOBAL:
-                    stack.append(1)
-                elif effect == _REDUCE:
-                    depth = 1 + items[1] // 2
-                    stack.append(depth << 1)
-                elif effect != _POP:
-                    stack.append(depth << 1)
-                if depth > max_depth:
-                    raise bad(f"nested deeper than {max_depth}")
-                continue
-            if effect == _GLOBAL:
-                stack.append(1)
-            elif effect == _PERSID:
-                stack.append(2)
-            elif effect == _STOP:
-                return
-            elif effect == _REFUSE:
-                raise bad(f"unsupported opcode {name}")
-            # _FRAME, _PROTO: nothing to check (the frame's opcodes follow and are scanned)
-    except (IndexError, ValueError, KeyError) as exc:
-        what = {IndexError: "truncated", ValueError: "malformed argument", KeyError: "bad memo"}
-        raise bad(f"{what[type(exc)]} ({type(exc).__name__})") from None
-
+        _core.scan_pickle(data, max_depth)
+    except FormatError as exc:
+        raise FormatError(f"{source}: cannot read pickle: {exc}") from None
 
 
 class _Sized:
@@ -612,6 +434,8 @@ class _Sized:
     element budget: a 9-byte pickle cannot ask for ``bytearray(10**9)``. Immutable."""
 
     __slots__ = ("_fn", "_owner")
+    _fn: Any
+    _owner: RestrictedUnpickler
 
     def __init__(self, fn: Any, owner: RestrictedUnpickler) -> None:
         object.__setattr__(self, "_fn", fn)
@@ -1110,7 +934,7 @@ class StubbingUnpickler(RestrictedUnpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = self._allowed.get((module, name))
         if found is not None:
-            return found
+            return _Sized(found, self) if id(found) in _SIZED_BUILTINS else found
         root = module.split(".")[0]
         if (
             (module, name) in _DENIED_GLOBALS
