@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastckpt import _core
-from fastckpt._core import FastckptError, MappingError
+from fastckpt._core import FastckptError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
@@ -334,9 +334,12 @@ def convert(
             shards.append(
                 ("optimizer.safetensors", [(e.source(), e.meta.dtype) for e in optim.entries])
             )
-        nbytes = _core.write_shards(
-            str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
-        )
+        try:
+            nbytes = _core.write_shards(
+                str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
+            )
+        except ShapeError as exc:  # chunk coverage or sizes: name the checkpoint too
+            raise ShapeError(f"{src_p}: {exc}") from None
         shutil.rmtree(tmp / ".lora-merge", ignore_errors=True)
         written = list(files)
         if optim is not None:
