@@ -86,7 +86,7 @@ fn bench(c: &mut Criterion) {
                 let mut e0 = 0usize;
                 while e0 * out.size() < bytes {
                     let n = per.min(bytes / out.size() - e0);
-                    fill_window(&plan, e0 as u64, &mut buf[..n * out.size()]);
+                    fill_window(&plan, e0 as u64, &mut buf[..n * out.size()]).unwrap();
                     e0 += n;
                 }
                 std::hint::black_box(&buf);

@@ -10,9 +10,10 @@ saved with ``torch.distributed.checkpoint.save`` in NeMo RL's layout::
       policy/tokenizer/    config.json, generation_config.json, tokenizer.json,
                            tokenizer_config.json, chat_template.jinja
 
-The README quick start converts it with no torch installed::
+The README quick start converts it with no torch installed (fastckpt finds the run's latest
+complete step and the tokenizer beside it)::
 
-    fastckpt convert examples/tiny-llama-run/step_3/policy/weights /tmp/tiny-llama-hf
+    pip install . && fastckpt convert examples/tiny-llama-run /tmp/tiny-llama-hf --overwrite
 
 Regenerate (needs torch and transformers)::
 
@@ -75,6 +76,21 @@ def _tokenizer():  # type: ignore[no-untyped-def]
     return fast
 
 
+def _portable_tokenizer_config(path: Path) -> None:
+    """Make the saved tokenizer config load in transformers 4.x as well as 5.x.
+
+    transformers 5 names the class ``TokenizersBackend`` (unknown to 4.x) and writes the extra
+    special tokens as an ``extra_special_tokens`` list (4.x expects a dict there); both majors
+    read ``PreTrainedTokenizerFast`` and ``additional_special_tokens``.
+    """
+    doc = json.loads(path.read_text())
+    doc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = doc.pop("extra_special_tokens", None)
+    if extra:
+        doc["additional_special_tokens"] = extra
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
 def _worker(rank: int, port: int) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -119,6 +135,7 @@ def _worker(rank: int, port: int) -> None:
         tok_dir = policy / "tokenizer"
         config.save_pretrained(tok_dir)
         _tokenizer().save_pretrained(tok_dir)
+        _portable_tokenizer_config(tok_dir / "tokenizer_config.json")
         GenerationConfig(bos_token_id=2, eos_token_id=[3, 5], pad_token_id=0).save_pretrained(
             tok_dir
         )

@@ -7,6 +7,7 @@
 //! one cast call), strided runs element by element.
 
 use crate::dtype::CastFn;
+use crate::error::Result;
 use crate::plan::{BoxCopy, TensorPlan};
 
 /// How elements move: plain copy of `size` bytes, or a cast.
@@ -124,7 +125,10 @@ pub fn copy_box_window(c: &BoxCopy, k: &Kernel, src: &[u8], w0: u64, w1: u64, ds
 
 /// Fills `dst` with elements `[w0, w0 + dst.len() / out_size)` of tensor `t`, cast to its output
 /// dtype. The chunks tile the tensor (checked when planned), so every byte of `dst` is written.
-pub fn fill_window(t: &TensorPlan, w0: u64, dst: &mut [u8]) {
+///
+/// `Err` (naming the file) when a source file shrank while it was read: the window then holds
+/// zeros in place of the missing bytes and must be discarded.
+pub fn fill_window(t: &TensorPlan, w0: u64, dst: &mut [u8]) -> Result<()> {
     let k = Kernel {
         src_size: t.src_dtype.size(),
         dst_size: t.out_dtype.size(),
@@ -134,4 +138,8 @@ pub fn fill_window(t: &TensorPlan, w0: u64, dst: &mut [u8]) {
     for c in &t.copies {
         copy_box_window(c, &k, c.file.bytes(), w0, w1, dst);
     }
+    for c in &t.copies {
+        c.file.check_unchanged()?;
+    }
+    Ok(())
 }

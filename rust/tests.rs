@@ -245,6 +245,33 @@ fn gather_vec(src: &Source) -> Result<Vec<u8>, Error> {
 
 // ---------------------------------------------------------------- bounds checks
 
+/// A source truncated after it was planned (mapped) and before it is read: the SIGBUS guard
+/// turns the fault into an error naming the file, and the cast window is not used.
+#[test]
+fn source_truncated_while_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    // 4 pages of bf16 elements, so the truncation leaves whole mapped pages past the end
+    let src = simple_source(dir.path(), "t", &[64, 128], &[0, 64]);
+    let path = src.chunks[0].path.clone();
+    let plan = prepare_source(&src, DType::F32, &mut FileCache::new()).unwrap();
+    let mut out = vec![0u8; 64 * 128 * 4];
+    fill_window(&plan, 0, &mut out).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let err = fill_window(&plan, 0, &mut out).unwrap_err();
+    assert!(matches!(err, Error::Format { .. }), "{err}");
+    assert!(err.to_string().contains("t.bin"), "{err}");
+    assert!(err.to_string().contains("shrank"), "{err}");
+    // a mapping made after the guard fired is guarded afresh
+    std::fs::write(&path, vec![0u8; 64 * 128 * 2]).unwrap();
+    let plan2 = prepare_source(&src, DType::F32, &mut FileCache::new()).unwrap();
+    fill_window(&plan2, 0, &mut out).unwrap();
+}
+
 #[test]
 fn bounds_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -417,7 +444,7 @@ proptest! {
             let mut e0 = 0;
             while e0 < numel {
                 let e1 = (e0 + per).min(numel);
-                fill_window(&plan, e0 as u64, &mut got[e0 * 2..e1 * 2]);
+                fill_window(&plan, e0 as u64, &mut got[e0 * 2..e1 * 2]).unwrap();
                 e0 = e1;
             }
             prop_assert_eq!(&got, &want);

@@ -173,7 +173,12 @@ fn copy_range(
     if len > 0 {
         let (a, b) = (src_off as usize, (src_off + len) as usize);
         dst.write_all_at(&src.bytes()[a..b], dst_off)
-            .map_err(|e| Error::io(dst_path, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                // the kernel read past the end of a source that shrank under its mapping
+                Some(libc::EFAULT) => src.shrank(),
+                _ => Error::io(dst_path, e),
+            })?;
+        src.check_unchanged()?;
     }
     Ok(())
 }
@@ -413,7 +418,16 @@ pub fn stage_shards(
     // ---- copy ----
     let use_cfr = AtomicBool::new(true);
     let bufs = Buffers::new(window);
+    // Test hook (documented in docs/SECURITY.md): a pause before each work item, so that fault
+    // tests can truncate a source or kill the process while a conversion copies.
+    let test_delay = std::env::var("FASTCKPT_TEST_ITEM_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(std::time::Duration::from_millis);
     let run = |w: &Work| -> Result<()> {
+        if let Some(d) = test_delay {
+            std::thread::sleep(d);
+        }
         progress.check()?;
         let (fi, off, len) = match *w {
             Work::Range {
@@ -439,7 +453,10 @@ pub fn stage_shards(
                 let t = &plans[file][tensor];
                 let n = ((e1 - e0) * t.out_dtype.size() as u64) as usize;
                 let mut buf = bufs.take();
-                fill_window(t, e0, &mut buf[..n]);
+                if let Err(e) = fill_window(t, e0, &mut buf[..n]) {
+                    bufs.put(buf);
+                    return Err(e);
+                }
                 let o = &outs[file];
                 let r = o.file.write_all_at(&buf[..n], dst_off);
                 bufs.put(buf);
@@ -602,9 +619,8 @@ pub fn gather(
     pool.install(|| {
         out.par_chunks_mut(per * osz)
             .enumerate()
-            .for_each(|(i, w)| fill_window(&t, (i * per) as u64, w));
-    });
-    Ok(())
+            .try_for_each(|(i, w)| fill_window(&t, (i * per) as u64, w))
+    })
 }
 
 /// XXH3-128 of tensor `src`'s bytes in C order (its own dtype), streamed through windows.
@@ -622,7 +638,7 @@ pub fn digest(src: &Source) -> Result<u128> {
         if buf.len() < n {
             buf.resize(n, 0);
         }
-        fill_window(&t, e0, &mut buf[..n]);
+        fill_window(&t, e0, &mut buf[..n])?;
         h.update(&buf[..n]);
         e0 = e1;
     }

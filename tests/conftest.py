@@ -45,6 +45,53 @@ ALL_DCP = [
 ]
 WITH_GLOBAL_METADATA = [cv for cv in ALL_DCP if cv[1] != "dcp_nocoll"]
 
+# import name -> distribution of the ``test`` extra (pyproject.toml)
+TEST_EXTRA = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "safetensors": "safetensors",
+    "huggingface_hub": "huggingface_hub",
+    "peft": "peft",
+    "deepspeed": "deepspeed",
+    "zstandard": "zstandard",
+    "ml_dtypes": "ml_dtypes",
+    "hypothesis": "hypothesis",
+    "pytest_benchmark": "pytest-benchmark",
+}
+
+
+def environment_problems() -> list[str]:
+    """What keeps this interpreter from running the suite: fastckpt not built and installed, or a
+    package of the test extra missing (one line each; found without importing them)."""
+    import importlib
+    import importlib.util
+
+    problems = []
+    try:
+        importlib.import_module("fastckpt._core")
+    except ImportError as exc:
+        problems.append(f"fastckpt is not installed with its compiled core ({exc})")
+    for module, dist in TEST_EXTRA.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # blocked (sys.modules[name] = None) or broken
+            found = False
+        if not found:
+            problems.append(f"{dist} is not installed")
+    return problems
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fail once, clearly, when the environment is incomplete (instead of one error per test)."""
+    problems = environment_problems()
+    if problems:
+        lines = "\n  ".join(problems)
+        pytest.exit(
+            f"the test environment is incomplete ({sys.executable}):\n  {lines}\n"
+            "install what the tests need with: pip install '.[test]'",
+            returncode=4,
+        )
+
 
 def run_generator(script: Path, out: Path, *, timeout: int = 900) -> None:
     """Run a fixture generator (``script OUT``) under this Python, one thread per process; it
@@ -59,9 +106,11 @@ def run_generator(script: Path, out: Path, *, timeout: int = 900) -> None:
         check=False,
     )
     if proc.returncode != 0 or not (out / "done.json").exists():
-        raise RuntimeError(
+        # every test on these fixtures would fail the same way: stop the session, once
+        pytest.exit(
             f"fixture generator {script.name} failed (rc={proc.returncode}):\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}",
+            returncode=3,
         )
 
 

@@ -562,6 +562,21 @@ def test_shipped_sample_converts(tmp_path: Path, torch_single_thread: None) -> N
     assert fastckpt.verify(SAMPLE / "weights", dst).ok
 
 
+def test_shipped_sample_tokenizer_loads_in_transformers_4_and_5() -> None:
+    """The sample names a tokenizer class both majors know (5.x writes ``TokenizersBackend``,
+    which 4.x cannot load) and its special tokens in the form both read; it loads here (5.x) and
+    ``.ci/run`` loads it with transformers 4.x too."""
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((SAMPLE / "tokenizer" / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "extra_special_tokens" not in cfg  # a list there breaks 4.x (it expects a dict)
+    tok = AutoTokenizer.from_pretrained(SAMPLE / "tokenizer")
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tok.all_special_tokens)
+    ids = tok("a checkpoint <|im_start|>")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["a", "checkpoint", "<|im_start|>"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Property: any single-process DCP of odd tensors converts bit for bit, any shard size
 # ---------------------------------------------------------------------------------------------

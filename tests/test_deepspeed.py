@@ -55,9 +55,10 @@ def ds_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if proc.returncode == 0 or "terminated with signal" not in proc.stderr:
             break
     if proc.returncode != 0 or not (root / "done.json").exists():
-        raise RuntimeError(
+        pytest.exit(
             f"DeepSpeed fixture generator failed (rc={proc.returncode}):\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}",
+            returncode=3,
         )
     return root
 

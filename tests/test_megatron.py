@@ -1,16 +1,19 @@
 """Megatron legacy (``mp_rank_*``) and ``torch_dist`` checkpoints written by megatron-core itself.
 
-``tests/data/make_megatron_fixtures.py`` runs under ``torch.distributed.run`` (4 gloo ranks, CPU)
-in a venv under /tmp that adds megatron-core 0.16.1 (einops, psutil) on top of this Python's
-torch and transformers; it saves tiny Llama / Qwen2 / Qwen3 models at TP=2, TP=2 x PP=2 and PP=2
+The checkpoints are committed (``tests/data/megatron/fixtures.tar.xz``, unpacked per session), so
+the suite needs neither megatron-core nor a second environment. They were written by
+``tests/data/make_megatron_fixtures.py`` under ``torch.distributed.run`` (4 gloo ranks, CPU) with
+the pinned ``tests/data/megatron/requirements.txt`` (megatron-core 0.16.1); ``python
+tests/data/megatron/regenerate.py`` rebuilds them in a fresh venv and diffs them against the
+archive. They hold tiny Llama / Qwen2 / Qwen3 models at TP=2, TP=2 x PP=2 and PP=2
 with virtual pipeline, fp32 and bf16, tied and untied, and tiny Mixtral / Qwen2-MoE (gated shared
 expert) / Qwen3-MoE models at EP=2, TP=2 x EP=2, TP=2 x ETP=1 x EP=2 and PP=2 x EP=2, in both
 formats, Qwen3-MoE with legacy GroupedMLP experts (grouped GEMM, ``weight1`` / ``weight2``; a CPU
 shim for the CUDA-only ``grouped_gemm`` kernel) at EP=2 and TP=2 x ETP=2 x EP=2, and tiny
 DeepSeek-V3 models (multi-latent attention, with and without ``q_lora_rank``; a dense first layer,
 then sigmoid routing with expert bias and a shared expert) at TP=2 (x EP=2), after checking
-Megatron's own TP/EP forward against the HF logits. Set ``FASTCKPT_MEGATRON_FIXTURES=/dir`` to
-keep them.
+Megatron's own TP/EP forward against the HF logits. ``FASTCKPT_MEGATRON_FIXTURES=/dir`` runs the
+tests on a freshly generated tree instead.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import fastckpt
@@ -30,9 +34,7 @@ from fastckpt.cli import app
 from typer.testing import CliRunner
 
 HERE = Path(__file__).parent
-GENERATOR = HERE / "data" / "make_megatron_fixtures.py"
-VENV = Path(os.environ.get("FASTCKPT_MCORE_VENV", "/tmp/fastckpt-mcore-venv"))
-MCORE = "megatron-core==0.16.1"
+ARCHIVE = HERE / "data" / "megatron" / "fixtures.tar.xz"
 
 CASES = [
     "llama_fp32_tp2",
@@ -60,49 +62,26 @@ CASES = [
 FORMATS = ["legacy", "dist"]
 
 
-def _venv_python() -> Path:
-    py = VENV / "bin" / "python"
-    probe = [str(py), "-c", "import megatron.core, einops, psutil"]
-    if py.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
-        return py
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(VENV)], check=True
-    )
-    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    proc = subprocess.run(
-        [*pip, MCORE, "einops", "psutil"], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"cannot install {MCORE} into {VENV}:\n{proc.stderr[-4000:]}")
-    return py
-
-
-def _generate(out: Path) -> None:
-    py = _venv_python()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONPATH", None)
-    cmd = [str(py), "-m", "torch.distributed.run", "--nproc_per_node", "4",
-           "--standalone", str(GENERATOR), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
-    if proc.returncode != 0 or not (out / "done.json").exists():
-        raise RuntimeError(
-            f"megatron fixture generator failed (rc={proc.returncode}):\n"
-            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-
-
 @pytest.fixture(scope="session")
 def mroot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The committed megatron-core saves, unpacked once per session (~2 MB of xz, ~46 MB).
+
+    ``FASTCKPT_MEGATRON_FIXTURES=/dir`` uses a freshly generated tree instead (see
+    ``tests/data/megatron/regenerate.py``).
+    """
     keep = os.environ.get("FASTCKPT_MEGATRON_FIXTURES")
     if keep:
-        root = Path(keep)
-        if not (root / "done.json").exists():
-            root.mkdir(parents=True, exist_ok=True)
-            _generate(root)
-        return root
+        return Path(keep)
     root = tmp_path_factory.mktemp("megatron")
-    _generate(root)
+    with tarfile.open(ARCHIVE, "r:xz") as tar:
+        tar.extractall(root, filter="data")
     return root
+
+
+def test_archive_holds_every_case(mroot: Path) -> None:
+    assert json.loads((mroot / "done.json").read_text()) == CASES
+    for case in CASES:
+        assert {p.name for p in (mroot / case).iterdir()} >= {"hf", *FORMATS}
 
 
 def _convert(src: Path, dst: Path, **kwargs: object) -> fastckpt.ConvertReport:

@@ -13,16 +13,16 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastckpt import _core
-from fastckpt._core import FastckptError, MappingError, ShapeError
+from fastckpt._core import FastckptError, FormatError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
+from fastckpt.fsops import Owner, check_replaceable, move_into_place, reclaim_stale
 from fastckpt.heads import split_value_head
 from fastckpt.hf_files import (
     TORCH_DTYPE_NAMES,
@@ -37,7 +37,7 @@ from fastckpt.hf_files import (
 from fastckpt.lora import adapter_config_bytes, has_lora
 from fastckpt.lora import plan as plan_lora
 from fastckpt.optimizer import read_optimizer
-from fastckpt.runs import resolve_source
+from fastckpt.runs import is_run_dir, looks_like_step, resolve_source
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], object]
@@ -146,16 +146,34 @@ def _same_tensor(a: TensorEntry, b: TensorEntry) -> bool:
     return _core.digest(a.source()) == _core.digest(b.source())
 
 
+class DestinationExistsError(FastckptError):
+    """The destination exists and ``overwrite`` was not given."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"destination {path} already exists (overwrite=True replaces it)")
+        self.path = path
+
+
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.is_symlink():
+        raise FastckptError(
+            f"destination {dst} is a symbolic link (to {os.readlink(dst)}); pass the real "
+            "folder, or remove the link"
+        )
     s, d = src.resolve(), dst.resolve()
+    if looks_like_step(d.name) and is_run_dir(d.parent):
+        raise FastckptError(
+            f"destination {dst} would look like a step of the training run {dst.parent} "
+            "(fastckpt ls would list it as an incomplete step); choose another name or folder"
+        )
     if d == s or s.is_relative_to(d):
         raise FastckptError(f"destination {dst} contains the source {src}; choose another folder")
     if d.is_relative_to(s if s.is_dir() else s.parent) and s.is_dir():
         raise FastckptError(f"destination {dst} is inside the source {src}; choose another folder")
     if dst.exists() and not overwrite:
-        raise FastckptError(f"destination {dst} already exists (use --overwrite / overwrite=True)")
-    if dst.exists() and not dst.is_dir():
-        raise FastckptError(f"destination {dst} exists and is not a directory")
+        raise DestinationExistsError(dst)
+    if dst.exists():
+        check_replaceable(dst)
 
 
 def convert(
@@ -233,6 +251,8 @@ def convert(
     given_config = find_side_files([Path(config_from)]).config if config_from is not None else None
     cat = open_catalogue(src_p, arch=arch, hf_config=given_config)
     _check_paths(src_p, dst_p, overwrite)
+    if cat.undecided is not None and not include:
+        raise FormatError(f"{src_p}: {cat.undecided}")
     names = _select(cat, include, exclude)
     if not names:
         raise MappingError(f"{src_p}: no model tensors selected (see `fastckpt inspect`)")
@@ -276,7 +296,8 @@ def convert(
     if not names:
         raise MappingError(f"{src_p}: no model tensors left after dropping the value head")
     entries = cat.locate(names)
-    tmp = dst_p.parent / f".{dst_p.name}.fastckpt-tmp-{uuid.uuid4().hex[:8]}"
+    owner = Owner(dst_p)
+    tmp = owner.tmp
     lplan = None
     if lora is not None:
         src_dir = src_p if src_p.is_dir() else src_p.parent
@@ -322,8 +343,10 @@ def convert(
     files = ["adapter_model.safetensors"] if adapter else shard_names(len(plan)) if plan else []
 
     dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    warnings += reclaim_stale(dst_p.parent)
+    owner.acquire()
     try:
+        tmp.mkdir()
         for merge in lplan.merges if lplan else []:
             merge.compute()  # W + s * B @ A in fp32, spilled under tmp/.lora-merge
         shards = [
@@ -379,10 +402,11 @@ def convert(
                 written.append("config.json")
         if fsync:
             fsync_dir(tmp)
-        _move_into_place(tmp, dst_p, overwrite=overwrite, fsync=fsync)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        move_into_place(owner, overwrite=overwrite)
+        if fsync:
+            fsync_dir(dst_p.parent)
+    finally:
+        owner.release()
     return ConvertReport(
         dst=dst_p,
         files=written,
@@ -394,26 +418,23 @@ def convert(
     )
 
 
-def _move_into_place(tmp: Path, dst: Path, *, overwrite: bool, fsync: bool) -> None:
-    if dst.exists():
-        if not overwrite:
-            raise FastckptError(f"destination {dst} already exists (use --overwrite)")
-        old = dst.parent / f".{dst.name}.fastckpt-old-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, old)
-        try:
-            os.rename(tmp, dst)
-        except BaseException:
-            os.rename(old, dst)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
-    if fsync:
-        fsync_dir(dst.parent)
+def inspect(
+    path: PathLike,
+    *,
+    step: str | int | None = None,
+    role: str | None = None,
+    metric: str | None = None,
+    higher_is_better: bool = True,
+) -> CheckpointInfo:
+    """Describe a checkpoint: format, model tensors (dtype, shape, chunks), what is skipped.
 
-
-def inspect(path: PathLike) -> CheckpointInfo:
-    """Describe a checkpoint: format, model tensors (dtype, shape, chunks), what is skipped."""
+    ``path`` may be a training run; ``step``, ``role``, ``metric`` and ``higher_is_better`` then
+    choose the step as in :func:`convert` (default: the latest complete one).
+    """
+    resolved = resolve_source(
+        path, step=step, role=role, metric=metric, higher_is_better=higher_is_better
+    )
+    path = resolved.weights
     cat = open_catalogue(path)
     infos = [info_of(m) for m in cat.tensors.values() if m.is_model]
     skipped = [m.key for m in cat.tensors.values() if not m.is_model] + cat.skipped
@@ -423,7 +444,7 @@ def inspect(path: PathLike) -> CheckpointInfo:
         tensors=infos,
         total_bytes=sum(i.nbytes for i in infos),
         skipped=skipped,
-        notes=list(cat.notes),
+        notes=[*resolved.notes, *cat.notes, *([cat.undecided] if cat.undecided else [])],
     )
 
 
@@ -438,11 +459,18 @@ def _tied_omission(missing_side: Catalogue, other: Catalogue, name: str) -> bool
 def verify(a: PathLike, b: PathLike) -> VerifyReport:
     """Compare the model tensors of two checkpoints bit for bit (names, dtypes, shapes, bytes).
 
+    Either side may be a training run: its latest complete step is compared.
+
     A checkpoint and its converted folder verify as equal even when the conversion left out an
     ``lm_head.weight`` identical to the tied embedding.
     """
-    ca, cb = open_catalogue(a), open_catalogue(b)
-    names_a, names_b = ca.model_names(), cb.model_names()
+    ca = open_catalogue(resolve_source(a).weights)
+    cb = open_catalogue(resolve_source(b).weights)
+    for cat in (ca, cb):
+        if cat.undecided is not None:
+            raise FormatError(f"{cat.path}: {cat.undecided}")
+    # sorted: the report (and its "first difference") does not depend on the argument order
+    names_a, names_b = sorted(ca.model_names()), sorted(cb.model_names())
     set_a, set_b = set(names_a), set(names_b)
     common = [n for n in names_a if n in set_b]
     only_a = [n for n in names_a if n not in set_b]

@@ -1,9 +1,9 @@
 """The catalogue: every tensor of a checkpoint as name, dtype, shape and stored chunks.
 
-Every source format (DCP today; torch.save zips and Megatron later) reduces to the same shape: a
-global tensor made of boxes placed at global offsets, each box a strided view of a byte range of
-some file. The Rust core only ever sees these boxes (:class:`Chunk`), so one planner and one copy
-engine serve every format.
+Every source format (DCP, torch.save zips, ZeRO partitions, Megatron, HF shards) reduces to the
+same shape: a global tensor made of boxes placed at global offsets, each box a strided view of a
+byte range of some file. The Rust core only ever sees these boxes (:class:`Chunk`), so one planner
+and one copy engine serve every format.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ class Catalogue:
         skipped: non-tensor entries (BYTE_IO items, ...) by source key, never converted.
         side_dirs: directories where config and tokenizer files may be found, best first.
         notes: remarks found while reading (e.g. the wrapper that was stripped).
+        undecided: why no entry could be taken as a model weight (then none is: the caller
+            picks them with include patterns, or refuses with this message).
     """
 
     format: str
@@ -151,6 +153,7 @@ class Catalogue:
     skipped: list[str] = field(default_factory=list)
     side_dirs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    undecided: str | None = None
 
     def __post_init__(self) -> None:
         for name, meta in self.tensors.items():

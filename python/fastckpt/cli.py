@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sys
+import textwrap
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +36,19 @@ app = typer.Typer(
 SrcArg = Annotated[
     Path,
     typer.Argument(
-        help="Checkpoint (DCP dir, veRL rank files, .pt state dict, safetensors) or a run dir."
+        metavar="SRC",
+        help="Checkpoint (DCP dir, veRL rank files, .pt state dict, safetensors) or a run dir.",
+        show_default=False,
     ),
 ]
-DstArg = Annotated[Path, typer.Argument(help="Output folder (created; must not exist).")]
+DstArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="DST", help="Output folder (created; must not exist).", show_default=False
+    ),
+]
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", help="Copy threads (default: CPU count).")
+    int | None, typer.Option("--threads", min=1, help="Copy threads (default: CPU count).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")]
@@ -54,13 +62,38 @@ RoleOpt = Annotated[
 MetricOpt = Annotated[
     str | None, typer.Option(help="training_info.json metric ranking --step best.")
 ]
+PruneMetricOpt = Annotated[
+    str | None,
+    typer.Option(help="training_info.json metric ranking the steps (default: the run's only one)."),
+]
 LowerOpt = Annotated[
     bool, typer.Option("--lower-is-better", help="A lower metric is better (e.g. a loss).")
 ]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch to commit to.")]
 CommitMsgOpt = Annotated[str | None, typer.Option(help="Hub commit message.")]
-RunArg = Annotated[Path, typer.Argument(help="Training run directory.")]
+RunArg = Annotated[Path, typer.Argument(metavar="RUN", help="Training run directory.")]
+WRAP = 100  # columns of a wrapped warning
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fastckpt._core import __version__
+
+        typer.echo(f"fastckpt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Convert sharded training checkpoints to Hugging Face safetensors, at copy speed."""
 
 
 def _err(message: str) -> None:
@@ -72,10 +105,19 @@ def _err(message: str) -> None:
 
 
 def _warn(message: str) -> None:
+    """A warning wrapped at word boundaries (paths and names are never split)."""
     from rich.console import Console
+    from rich.markup import escape
 
+    lines = textwrap.wrap(
+        message,
+        width=WRAP - len("warning: "),
+        subsequent_indent="  ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[yellow]warning:[/] {message}", markup=True
+        "[yellow]warning:[/] " + escape("\n".join(lines)), markup=True
     )
 
 
@@ -107,6 +149,10 @@ def _errors() -> Iterator[None]:
 
 
 def _describe(exc: BaseException) -> str:
+    from fastckpt.api import DestinationExistsError
+
+    if isinstance(exc, DestinationExistsError):
+        return f"destination {exc.path} already exists (--overwrite replaces it)"
     if isinstance(exc, OSError) and exc.filename and exc.strerror:
         return f"{exc.filename}: {exc.strerror.lower()}"
     return str(exc)
@@ -126,25 +172,38 @@ def _progress_bar(enabled: bool) -> Iterator[Any]:
         BarColumn,
         DownloadColumn,
         Progress,
+        TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("convert", total=None)
+        # shown from the first report on, when the total is known (no "0/? bytes")
+        task = bar.add_task("converting", total=None, visible=False)
 
         def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(task, completed=done, total=total, visible=True)
 
         yield update
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _summary(report: ConvertReport) -> str:
+    files = sum(f.endswith(".safetensors") for f in report.files)
+    speed = _human(int(report.nbytes / report.seconds)) if report.seconds > 0 else "-"
     return (
-        f"wrote {report.n_tensors} tensors, {report.nbytes / 1e9:.2f} GB in "
-        f"{sum(f.endswith('.safetensors') for f in report.files)} files to {report.dst} "
-        f"in {report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s)"
+        f"wrote {_plural(report.n_tensors, 'tensor')}, {_human(report.nbytes)} in "
+        f"{_plural(files, 'file')} to {report.dst} in {report.seconds:.2f} s ({speed}/s)"
     )
 
 
@@ -163,10 +222,12 @@ def convert(
         typer.Option(help="Folder to copy config/tokenizer files from (e.g. the base model)."),
     ] = None,
     include: Annotated[
-        list[str] | None, typer.Option(help="Regex adding tensors by name (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="REGEX", help="Regex adding tensors by name (repeatable)."),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option(help="Regex removing tensors by name (repeatable).")
+        list[str] | None,
+        typer.Option(metavar="REGEX", help="Regex removing tensors by name (repeatable)."),
     ] = None,
     threads: ThreadsOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace DST if it exists.")] = False,
@@ -186,7 +247,8 @@ def convert(
         str | None,
         typer.Option(
             help="Megatron: architecture whose HF names to write (llama, mistral, qwen2, qwen3, "
-            "mixtral, qwen2_moe, qwen3_moe); default: from the config, else from args."
+            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3); default: from the config, else from "
+            "args."
         ),
     ] = None,
     lora: Annotated[
@@ -260,12 +322,21 @@ def convert(
 
 
 @app.command()
-def inspect(src: SrcArg, json_out: JsonOpt = False) -> None:
-    """Show the format and the tensors (dtype, shape, chunks) of a checkpoint."""
+def inspect(
+    src: SrcArg,
+    json_out: JsonOpt = False,
+    step: StepOpt = None,
+    role: RoleOpt = None,
+    metric: MetricOpt = None,
+    lower_is_better: LowerOpt = False,
+) -> None:
+    """Show the format and the tensors (dtype, shape, chunks) of a checkpoint or a run's step."""
     from fastckpt.api import inspect as do_inspect
 
     with _errors():
-        info = do_inspect(src)
+        info = do_inspect(
+            src, step=step, role=role, metric=metric, higher_is_better=not lower_is_better
+        )
     if json_out:
         doc = {
             "path": str(info.path),
@@ -286,26 +357,32 @@ def inspect(src: SrcArg, json_out: JsonOpt = False) -> None:
         }
         typer.echo(json.dumps(doc, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{info.path} ({info.format})", title_justify="left")
-    for col in ("name", "dtype", "shape", "chunks", "bytes"):
-        table.add_column(col, justify="right" if col in ("chunks", "bytes") else "left")
-    for t in info.tensors:
-        table.add_row(t.name, t.dtype, str(list(t.shape)), str(t.chunks), f"{t.nbytes:,}")
-    console = Console(highlight=False)
-    console.print(table)
-    console.print(
-        f"{len(info.tensors)} tensors, {info.total_bytes:,} bytes; "
-        f"{len(info.skipped)} non-model entries left out of conversion"
+    # plain aligned columns: names are never cut, whatever the terminal width, and grep works
+    rows = [("name", "dtype", "shape", "chunks", "bytes")]
+    rows += [
+        (t.name, t.dtype, str(list(t.shape)), str(t.chunks), f"{t.nbytes:,}") for t in info.tensors
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    typer.echo(f"{info.path} ({info.format})")
+    for r in rows:
+        left = "  ".join(c.ljust(w) for c, w in zip(r[:3], widths[:3], strict=True))
+        right = "  ".join(c.rjust(w) for c, w in zip(r[3:], widths[3:], strict=True))
+        typer.echo(f"{left}  {right}")
+    n_skipped = len(info.skipped)
+    typer.echo(
+        f"{_plural(len(info.tensors), 'tensor')}, {info.total_bytes:,} bytes; {n_skipped} "
+        f"non-model {'entry' if n_skipped == 1 else 'entries'} left out of conversion"
     )
 
 
 @app.command()
 def verify(
-    a: Annotated[Path, typer.Argument(help="First checkpoint.")],
-    b: Annotated[Path, typer.Argument(help="Second checkpoint.")],
+    a: Annotated[
+        Path, typer.Argument(metavar="A", help="First checkpoint (a run dir: its latest step).")
+    ],
+    b: Annotated[
+        Path, typer.Argument(metavar="B", help="Second checkpoint (a run dir: its latest step).")
+    ],
     json_out: JsonOpt = False,
 ) -> None:
     """Compare the model tensors of two checkpoints bit for bit; exit 1 on any difference."""
@@ -394,11 +471,11 @@ def ls_run(
     from rich.console import Console
     from rich.table import Table
 
-    from fastckpt.runs import is_bookkeeping
+    from fastckpt.runs import is_step_counter
 
     names: list[str] = []
-    for s in doc["steps"]:
-        names += [k for k in s["metrics"] if k not in names and not is_bookkeeping(k)]
+    for s in doc["steps"]:  # every metric found; the step number has its own column
+        names += [k for k in s["metrics"] if k not in names and not is_step_counter(k)]
     if doc["metric"] and doc["metric"] not in names:
         names.append(doc["metric"])
     table = Table(
@@ -439,17 +516,18 @@ def _human(n: int) -> str:
 @app.command()
 def prune(
     run: RunArg,
-    keep_top_k: Annotated[int, typer.Option(help="Complete steps to keep (plus the latest).")],
-    metric: MetricOpt = None,
+    keep_top_k: Annotated[
+        int, typer.Option(min=0, help="Complete steps to keep (plus the latest).")
+    ],
+    metric: PruneMetricOpt = None,
     lower_is_better: LowerOpt = False,
     dry_run: Annotated[bool, typer.Option(help="Print what would be removed; remove nothing.")] = (
         False
     ),
 ) -> None:
     """Remove steps outside the top K by a metric; never the latest or a save in progress."""
-    import shutil
-
-    from fastckpt.runs import plan_prune
+    from fastckpt.fsops import clean_discarded, discard_tree
+    from fastckpt.runs import leftovers, plan_prune, scan_run
 
     with _errors():
         remove, warns = plan_prune(
@@ -461,7 +539,11 @@ def prune(
             for p in s.paths:
                 typer.echo(f"{'would remove' if dry_run else 'removing'} {p}")
                 if not dry_run:
-                    shutil.rmtree(p)
+                    discard_tree(p)
+        if not dry_run:
+            for root in {p.parent for p in leftovers(scan_run(run))}:
+                for note in clean_discarded(root):
+                    _warn(note)
     if not remove:
         typer.echo("nothing to remove")
 

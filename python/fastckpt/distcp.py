@@ -41,6 +41,15 @@ MODEL_WRAPPERS: tuple[tuple[str, ...], ...] = (
     ("module",),
 )
 
+#: top-level groups that trainers save beside the model (torchtitan, accelerate, NeMo, ...): never
+#: model weights, whatever the wrapper
+TRAINER_GROUPS = frozenset(
+    {"optimizer", "optimizers", "optim", "optim_state", "optimizer_state", "lr_scheduler",
+     "lr_schedulers", "scheduler", "schedulers", "train_state", "trainer_state", "dataloader",
+     "data_loader", "dataloaders", "rng", "rng_state", "rng_states", "extra_state", "grad_scaler",
+     "scaler", "ema"}
+)  # fmt: skip
+
 #: module-wrapper name components that never belong in a Hugging Face name
 _WRAPPER_PARTS = re.compile(
     r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\."
@@ -213,26 +222,31 @@ def _under(path: tuple[Any, ...], wrapper: tuple[Any, ...]) -> bool:
     return len(path) > len(wrapper) and path[: len(wrapper)] == wrapper
 
 
-def _choose_wrapper(paths: dict[str, tuple[Any, ...]], tensor_keys: list[str]) -> tuple[Any, ...]:
-    """The planner-data prefix that holds the model state dict (stripped exactly once)."""
+def _choose_wrapper(
+    paths: dict[str, tuple[Any, ...]], tensor_keys: list[str]
+) -> tuple[tuple[Any, ...], str | None]:
+    """The planner-data prefix that holds the model state dict (stripped exactly once), and,
+    when that cannot be told, why (then no entry is taken as a model weight)."""
     tensor_paths = [paths[k] for k in tensor_keys]
     for wrapper in MODEL_WRAPPERS:
         if any(_under(p, wrapper) for p in tensor_paths):
-            return wrapper
-    if all(len(p) == 1 for p in tensor_paths):
-        return ()
+            return wrapper, None
+    # the model at the top level (torchtitan: dotted keys beside optimizer/lr_scheduler/...)
+    others = [p for p in tensor_paths if str(p[0]) not in TRAINER_GROUPS]
+    if all(len(p) == 1 for p in others) and others:
+        return (), None
     # an unknown wrapper ending in "model" (e.g. ("trainer", "model")), if there is one
-    ending_in_model = {
-        p[: i + 1] for p in tensor_paths for i in range(len(p) - 1) if p[i] == "model"
-    }
+    ending_in_model = {p[: i + 1] for p in others for i in range(len(p) - 1) if p[i] == "model"}
     if len(ending_in_model) == 1:
-        return ending_in_model.pop()
-    if any(len(p) == 1 for p in tensor_paths):
-        return ()
-    shown = ", ".join(sorted({str(p[0]) for p in tensor_paths}))
-    raise FormatError(
-        f"cannot tell which entries hold the model weights (top-level groups: {shown}); "
-        "use include= / --include to pick tensors by name"
+        return ending_in_model.pop(), None
+    groups = sorted({str(p[0]) for p in tensor_paths if len(p) > 1})
+    shown = ", ".join(groups[:12]) + (", ..." if len(groups) > 12 else "")
+    flat = sum(len(p) == 1 for p in tensor_paths)
+    if flat:
+        shown += f" and {flat} top-level tensors"
+    return (), (
+        f"cannot tell which entries hold the model weights (groups: {shown}); pick them by name "
+        "with include= / --include REGEX (and exclude= / --exclude REGEX)"
     )
 
 
@@ -243,7 +257,7 @@ def read_dcp(directory: Path) -> Catalogue:
     tensor_keys = [
         k for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
     ]
-    wrapper = _choose_wrapper(paths, tensor_keys)
+    wrapper, undecided = _choose_wrapper(paths, tensor_keys)
     tensors: dict[str, TensorMeta] = {}
     skipped: list[str] = []
     model_keys: dict[str, str] = {}
@@ -252,7 +266,11 @@ def read_dcp(directory: Path) -> Catalogue:
             skipped.append(key)
             continue
         path = paths[key]
-        is_model = _under(path, wrapper)
+        is_model = (
+            undecided is None
+            and _under(path, wrapper)
+            and (bool(wrapper) or str(path[0]) not in TRAINER_GROUPS)
+        )
         torch_dtype = str(item.properties.dtype)
         st_dtype = TORCH_TO_ST.get(torch_dtype)
         if st_dtype is None:
@@ -315,6 +333,7 @@ def read_dcp(directory: Path) -> Catalogue:
         skipped=skipped,
         side_dirs=side_dirs,
         notes=notes,
+        undecided=undecided,
     )
 
 

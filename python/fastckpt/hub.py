@@ -29,7 +29,14 @@ from fastckpt._core import FastckptError
 
 PathLike = str | os.PathLike[str]
 
-IGNORE = [".cache/**", ".git/**", ".*.fastckpt-tmp-*", ".*.fastckpt-old-*", "*.lock"]
+IGNORE = [
+    ".cache/**",
+    ".git/**",
+    ".*.fastckpt-tmp-*",
+    ".*.fastckpt-old-*",
+    ".*.fastckpt-lock-*",
+    "*.lock",
+]
 
 
 class HubError(FastckptError):

@@ -10,6 +10,9 @@ Differences from NeMo RL, all in the direction of safety:
   it, the old step is parked as ``old_step_N`` and restored by the next manager if a crash left
   no ``step_N``.
 - ``training_info.json`` and the directories are fsynced before the rename.
+- Retention deletes a step by renaming it out of the run first (``.step_N.fastckpt-deleting``,
+  a name nothing lists), then removing it; a killed removal never leaves a half-deleted
+  ``step_N``, and the next manager removes the leftover.
 - Retention never removes the latest step, a step lacking the metric (it cannot be ranked), or a
   save in progress (``tmp_step_*``).
 
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fastckpt._core import FastckptError
+from fastckpt.fsops import clean_discarded, discard_tree
 
 PathLike = str | os.PathLike[str]
 
@@ -214,9 +218,12 @@ class CheckpointManager:
         self._recover()
 
     def _recover(self) -> None:
-        """Put back an ``old_step_N`` parked by a replacement that crashed before its rename."""
+        """Put back an ``old_step_N`` parked by a replacement that crashed before its rename, and
+        remove what a killed retention left (``.step_N.fastckpt-deleting``)."""
         if not self.checkpoint_dir.is_dir():
             return
+        for note in clean_discarded(self.checkpoint_dir):
+            _log.warning(note)
         for name in os.listdir(self.checkpoint_dir):
             m = _OLD.match(name)
             if not m:
@@ -299,7 +306,7 @@ class CheckpointManager:
         for note in notes:
             _log.info(note)
         for e in remove:
-            shutil.rmtree(e.path)
+            discard_tree(e.path)
         return [e.path for e in remove]
 
     def get_best_checkpoint_path(self) -> str | None:

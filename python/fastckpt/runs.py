@@ -290,9 +290,13 @@ def _size(path: Path | None) -> int:
 
 def _dcp_state(path: Path) -> tuple[bool, str | None]:
     """(complete, reason) for a DCP directory."""
-    if (path / ".metadata").is_file():
-        return True, None
     names = os.listdir(path)
+    if (path / ".metadata").is_file():
+        # .metadata is written last, but a folder removed in place (by fastckpt < 0.2 or another
+        # tool) can keep it after its data files are gone
+        if any(n.endswith(".distcp") for n in names):
+            return True, None
+        return False, f"DCP .metadata without .distcp data files in {path.name}/ (half deleted?)"
     ranks = {int(m.group(1)) for n in names if (m := _DISTCP.match(n))}
     metas = {int(m.group(1)) for n in names if (m := _RANK_METADATA.match(n))}
     if metas and ranks <= metas:
@@ -630,6 +634,17 @@ def _scan_megatron(root: Path, sub: str) -> Run:
     return run
 
 
+def is_step_counter(name: str) -> bool:
+    """A ``training_info.json`` entry that repeats the step number."""
+    return name in ("step", "current_step", "global_step", "iteration")
+
+
+def looks_like_step(name: str) -> bool:
+    """A folder name that a run's layout would list as a step (``step_9``, ``global_step_9``,
+    ``global_step9``, ``iter_0000009``)."""
+    return any(p.match(name) for p in (_NEMO_STEP, _GLOBAL_STEP, _DS_TAG, _ITER))
+
+
 def is_bookkeeping(name: str) -> bool:
     """``training_info.json`` entries that count progress rather than measure quality."""
     return name in _BOOKKEEPING
@@ -699,6 +714,14 @@ def resolve_source(
 # ---------------------------------------------------------------- ls / prune
 
 
+def leftovers(run: Run) -> list[Path]:
+    """Hidden leftovers of interrupted step removals beside the run's steps (never listed)."""
+    from fastckpt.fsops import discarded
+
+    roots = {run.root, *(p.parent for s in run.steps for p in s.paths)}
+    return sorted({d for r in roots for d in discarded(r)})
+
+
 def listing(
     path: PathLike,
     *,
@@ -714,6 +737,11 @@ def listing(
     if name is not None:
         ranked, warnings = rank_steps(run.complete, name, higher_is_better=higher_is_better)
         best = ranked[0] if ranked else None
+    warnings += [
+        f"{p}: left by an interrupted removal (not a step); `fastckpt prune` or a new "
+        "CheckpointManager removes it"
+        for p in leftovers(run)
+    ]
     latest: Step | None
     try:
         latest = run.latest()

@@ -1,7 +1,8 @@
 """Write real Megatron-Core checkpoints (legacy ``mp_rank_*`` and ``torch_dist``) of tiny HF models.
 
-Run with a Python that has torch, transformers and megatron-core (``tests/test_megatron.py`` makes
-a venv under /tmp for it)::
+Run with a Python that has torch, transformers and megatron-core (``tests/data/megatron/
+regenerate.py`` makes one from the pinned ``requirements.txt``; the output is committed as
+``tests/data/megatron/fixtures.tar.xz``)::
 
     torchrun --nproc_per_node 4 tests/data/make_megatron_fixtures.py OUT_DIR
 
