@@ -75,7 +75,8 @@ def _under(path: str, root: str) -> bool:
 
 
 def _special(real: str) -> bool:
-    return any(_under(real, r) for r in _SPECIAL_ROOTS)
+    # /dev/shm is a tmpfs where checkpoints are legitimately staged
+    return any(_under(real, r) for r in _SPECIAL_ROOTS) and not _under(real, "/dev/shm")
 
 
 def _snapshot_blobs(path: Path) -> str | None:
