@@ -10,8 +10,10 @@ holds real seeds written by torch (``fuzz/make_seeds.py``).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ _WORK = Path(
     tempfile.mkdtemp(prefix="fastckpt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 )
 _FIXED: set[str] = set()
+atexit.register(shutil.rmtree, _WORK, ignore_errors=True)
 
 
 def _write(rel: str, data: bytes, *, fixed: bool = False) -> Path:
