@@ -20,9 +20,14 @@ from pathlib import Path
 
 from fastckpt import FastckptError
 
-# tmpfs when there is one: the targets write their input to a file on every run
+# the targets write their input to a file on every run: FASTCKPT_FUZZ_DIR, else a tmpfs when
+# there is one (libFuzzer exits without running atexit hooks, so the folder may stay behind)
 _WORK = Path(
-    tempfile.mkdtemp(prefix="fastckpt-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    tempfile.mkdtemp(
+        prefix="fastckpt-fuzz-",
+        dir=os.environ.get("FASTCKPT_FUZZ_DIR")
+        or ("/dev/shm" if os.path.isdir("/dev/shm") else None),
+    )
 )
 _FIXED: set[str] = set()
 atexit.register(shutil.rmtree, _WORK, ignore_errors=True)

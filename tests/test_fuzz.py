@@ -6,6 +6,7 @@ catches a crash that appears within a few thousand inputs from the seeds.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def test_fuzz_target_briefly(tmp_path: Path, target: str) -> None:
         timeout=120,
         check=False,
         cwd=tmp_path,
+        env={**os.environ, "FASTCKPT_FUZZ_DIR": str(tmp_path)},
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Done" in res.stderr, res.stderr[-3000:]
