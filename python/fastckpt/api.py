@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastckpt import _core
-from fastckpt._core import FastckptError, FormatError, MappingError
+from fastckpt._core import FastckptError, FormatError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
@@ -271,6 +271,7 @@ def convert(
         side = find_side_files([cfg_dir])
     else:
         side = find_side_files(cat.side_dirs)
+    warnings += side.skipped if copy_files else []
     config = side.config
     # Megatron: a config from its args (made, and maybe refused, only when it is needed)
     derived = getattr(cat.reader, "derived_config", None) if copy_files and config is None else None
@@ -314,6 +315,7 @@ def convert(
         entries = lplan.entries
         warnings += lplan.warnings
     optim = read_optimizer(cat) if with_optimizer else None
+    warnings += optim.warnings if optim is not None else []
     by_name = {e.name: e for e in entries}
     merged = set(lplan.out_dtype) if lplan else set()
     if (
@@ -355,9 +357,12 @@ def convert(
             shards.append(
                 ("optimizer.safetensors", [(e.source(), e.meta.dtype) for e in optim.entries])
             )
-        nbytes = _core.write_shards(
-            str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
-        )
+        try:
+            nbytes = _core.write_shards(
+                str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
+            )
+        except ShapeError as exc:  # chunk coverage or sizes: name the checkpoint too
+            raise ShapeError(f"{src_p}: {exc}") from None
         shutil.rmtree(tmp / ".lora-merge", ignore_errors=True)
         written = list(files)
         if optim is not None:

@@ -147,6 +147,16 @@ def _errors() -> Iterator[None]:
     except KeyboardInterrupt:
         _err("interrupted; no output was left behind")
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # a bug, not bad input: still one line (traceback with DEBUG)
+        if os.environ.get("FASTCKPT_DEBUG"):
+            traceback.print_exc()
+        _err(
+            f"internal error ({type(exc).__name__}: {str(exc)[:300]}); please report it "
+            "(FASTCKPT_DEBUG=1 prints the traceback)"
+        )
+        raise typer.Exit(2) from None
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fastckpt._core import FormatError
-from fastckpt.catalog import Catalogue
+from fastckpt.catalog import Catalogue, reading
 from fastckpt.distcp import is_dcp_dir, read_dcp
 from fastckpt.hf_folder import is_hf_dir, read_hf
 from fastckpt.megatron import is_dist_dir, is_legacy_dir, read_megatron
@@ -70,6 +70,11 @@ def open_catalogue(
     rename tensors (Megatron); the others ignore them.
     """
     p = Path(path)
+    with reading(p):
+        return _open(p, arch=arch, hf_config=hf_config)
+
+
+def _open(p: Path, *, arch: str | None, hf_config: dict[str, Any] | None) -> Catalogue:
     fmt = detect(p)
     if fmt in ("megatron", "megatron_dist"):
         return read_megatron(p, arch=arch, hf_config=hf_config)
