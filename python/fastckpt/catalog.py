@@ -144,6 +144,8 @@ class Catalogue:
         notes: remarks found while reading (e.g. the wrapper that was stripped).
         undecided: why no entry could be taken as a model weight (then none is: the caller
             picks them with include patterns, or refuses with this message).
+        optimizer_dir: a separate checkpoint holding the optimizer state (accelerate's
+            ``optimizer_0/`` beside ``pytorch_model_fsdp_0/``).
     """
 
     format: str
@@ -154,6 +156,7 @@ class Catalogue:
     side_dirs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     undecided: str | None = None
+    optimizer_dir: Path | None = None
 
     def __post_init__(self) -> None:
         for name, meta in self.tensors.items():

@@ -56,6 +56,14 @@ _WRAPPER_PARTS = re.compile(
 )
 
 _RANK_METADATA = re.compile(r"^__\d+\.metadata$")
+#: accelerate ``save_state()``: the model DCP, and its optimizer's beside it
+ACCELERATE_MODEL = re.compile(r"^pytorch_model_fsdp_(\d+)$")
+
+
+def accelerate_model_dir(path: Path) -> Path | None:
+    """The model DCP of an accelerate ``save_state()`` folder (``pytorch_model_fsdp_0/``)."""
+    model = path / "pytorch_model_fsdp_0"
+    return model if path.is_dir() and is_dcp_dir(model) else None
 
 
 def is_dcp_dir(path: Path) -> bool:
@@ -325,6 +333,8 @@ def read_dcp(directory: Path) -> Catalogue:
             f"items are {describe_transforms(transforms)}: tensors cannot be read; "
             f"{_DECOMPRESS_HINT}."
         )
+    accelerate = ACCELERATE_MODEL.match(directory.name)
+    optimizer_dir = parent / f"optimizer_{accelerate.group(1)}" if accelerate else None
     return Catalogue(
         format="dcp",
         path=directory,
@@ -334,6 +344,7 @@ def read_dcp(directory: Path) -> Catalogue:
         side_dirs=side_dirs,
         notes=notes,
         undecided=undecided,
+        optimizer_dir=optimizer_dir if optimizer_dir and is_dcp_dir(optimizer_dir) else None,
     )
 
 

@@ -41,7 +41,7 @@ from typing import Any
 from fastckpt import _core
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta, reading
-from fastckpt.distcp import DcpReader, normalise_name
+from fastckpt.distcp import DcpReader, normalise_name, read_dcp
 from fastckpt.safeio import item_path
 from fastckpt.torch_pickle import (
     BytesStorageMetadata,
@@ -130,6 +130,10 @@ def read_optimizer(cat: Catalogue) -> OptimizerState:
 
 
 def _read_optimizer(cat: Catalogue) -> OptimizerState:
+    if cat.format == "dcp" and cat.optimizer_dir is not None:  # accelerate: optimizer_N/
+        optim = read_dcp(cat.optimizer_dir)
+        assert isinstance(optim.reader, DcpReader)
+        return _from_dcp(optim, optim.reader)
     if cat.format == "dcp" and isinstance(cat.reader, DcpReader):
         return _from_dcp(cat, cat.reader)
     if cat.format == "torch_ranks":
