@@ -482,11 +482,11 @@ def ls_run(
     from rich.console import Console
     from rich.table import Table
 
-    from fastckpt.runs import is_step_counter
+    from fastckpt.runs import is_noise
 
     names: list[str] = []
     for s in doc["steps"]:  # every metric found; the step number has its own column
-        names += [k for k in s["metrics"] if k not in names and not is_step_counter(k)]
+        names += [k for k in s["metrics"] if k not in names and not is_noise(k)]
     if doc["metric"] and doc["metric"] not in names:
         names.append(doc["metric"])
     table = Table(
@@ -504,7 +504,9 @@ def ls_run(
             *[f"{s['metrics'][k]:g}" if k in s["metrics"] else "-" for k in names],
             marks,
         )
-    Console(highlight=False, soft_wrap=True).print(table)
+    # piped: as wide as the table needs (columns are never squeezed into "…")
+    width = None if sys.stdout.isatty() else 1000
+    Console(highlight=False, soft_wrap=True, width=width).print(table)
     if doc["metric"]:
         order = "higher" if doc["higher_is_better"] else "lower"
         typer.echo(f"best by {doc['metric']} ({order} is better): {doc['best']}")
