@@ -58,6 +58,7 @@ _UNITS = {
     "TIB": 2**40,
 }
 EMBED = "model.embed_tokens.weight"
+TITAN_EMBED = "tok_embeddings.weight"
 LM_HEAD = "lm_head.weight"
 
 
@@ -257,6 +258,12 @@ def convert(
     if not names:
         raise MappingError(f"{src_p}: no model tensors selected (see `fastckpt inspect`)")
     warnings: list[str] = list(resolved.warnings)
+    if TITAN_EMBED in names and EMBED not in names:
+        warnings.append(
+            f"tensor names are torchtitan's ({TITAN_EMBED}, layers.N.attention.*): fastckpt does "
+            "not map them to Hugging Face names yet, so they are written as they are and "
+            "transformers cannot load the folder as a model"
+        )
     if lora is None and has_lora(names):
         shown = next(n for n in names if ".lora_" in n or ".base_layer." in n)
         raise MappingError(

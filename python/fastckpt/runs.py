@@ -48,6 +48,8 @@ ROLES = ("actor", "policy", "critic")
 
 _NEMO_STEP = re.compile(r"^(tmp_)?step_(\d+)$")
 _GLOBAL_STEP = re.compile(r"^global_step_(\d+)$")
+#: torchtitan: dump_folder/checkpoint/step-N/ (a DCP)
+_TITAN_STEP = re.compile(r"^step-(\d+)$")
 _DS_TAG = re.compile(r"^(best_)?global_step(\d+)$")
 _ITER = re.compile(r"^iter_(\d{7,})$")
 #: transformers Trainer: output_dir/checkpoint-N/ with trainer_state.json
@@ -74,6 +76,7 @@ _ROLE_DIRS: dict[str, dict[str, str]] = {
     "openrlhf": {"policy": "_actor", "critic": "_critic"},
     "megatron": {"policy": ""},
     "trainer": {"policy": ""},
+    "torchtitan": {"policy": ""},
 }
 
 
@@ -438,6 +441,12 @@ def _find_layout(root: Path) -> tuple[str, Path] | None:
             return "verl", root
     if any(_TRAINER_CKPT.match(n) for n in names):
         return "trainer", root
+    if any(_TITAN_STEP.match(n) and _is_dcp(root / n) for n in names):
+        return "torchtitan", root
+    if "checkpoint" in names:  # torchtitan's dump folder
+        found = _find_layout(root / "checkpoint")
+        if found is not None and found[0] == "torchtitan":
+            return found
     if "checkpoints" in names:
         return _find_layout(root / "checkpoints")
     return None
@@ -479,7 +488,7 @@ def scan_run(path: PathLike, *, role: str | None = None) -> Run:
     if found is None:
         raise FormatError(
             f"{root}: not a training run fastckpt recognises (no step_N/, global_step_N/, "
-            "iter_NNNNNNN/, checkpoint-N/ or _actor/ folders)"
+            "iter_NNNNNNN/, checkpoint-N/, step-N/ or _actor/ folders)"
         )
     layout, base = found
     key = _role_key(role)
@@ -495,6 +504,7 @@ def scan_run(path: PathLike, *, role: str | None = None) -> Run:
         "openrlhf": _scan_openrlhf,
         "megatron": _scan_megatron,
         "trainer": _scan_trainer,
+        "torchtitan": _scan_torchtitan,
     }[layout]
     run = scanner(base, sub)
     run.layout, run.role = layout, sub or "model"
@@ -674,6 +684,19 @@ def _scan_trainer(root: Path, sub: str) -> Run:
     return Run(root, "", "", steps, best_step=best)
 
 
+def _scan_torchtitan(root: Path, sub: str) -> Run:
+    """torchtitan ``checkpoint/step-N/``: each a DCP, complete with its ``.metadata``."""
+    del sub
+    steps = []
+    for d in _children(root):
+        m = _TITAN_STEP.match(d.name)
+        if not m:
+            continue
+        ok, why = _dcp_state(d)
+        steps.append(_finish(Step(int(m.group(1)), d, d, "-", ok, why)))
+    return Run(root, "", "", steps)
+
+
 def _trainer_best(state: dict[str, Any], before: int | None) -> int | None:
     step = state.get("best_global_step")
     if isinstance(step, int) and not isinstance(step, bool):
@@ -700,8 +723,9 @@ def is_noise(name: str) -> bool:
 
 def looks_like_step(name: str) -> bool:
     """A folder name that a run's layout would list as a step (``step_9``, ``global_step_9``,
-    ``global_step9``, ``iter_0000009``, ``checkpoint-9``)."""
-    return any(p.match(name) for p in (_NEMO_STEP, _GLOBAL_STEP, _DS_TAG, _ITER, _TRAINER_CKPT))
+    ``global_step9``, ``iter_0000009``, ``checkpoint-9``, ``step-9``)."""
+    pats = (_NEMO_STEP, _GLOBAL_STEP, _DS_TAG, _ITER, _TRAINER_CKPT, _TITAN_STEP)
+    return any(p.match(name) for p in pats)
 
 
 def is_bookkeeping(name: str) -> bool:
