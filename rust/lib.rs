@@ -1,6 +1,7 @@
 //! fastckpt core: sharded checkpoints → Hugging Face safetensors, at copy speed, bit-exact.
 //!
-//! The core knows byte ranges, dtypes, shapes and safetensors; it never parses pickle. Python
+//! The core knows byte ranges, dtypes, shapes and safetensors; it never interprets pickle (it
+//! only bounds-checks its opcodes before Python loads it, [`pickle_scan`]). Python
 //! (package `fastckpt`) describes every tensor as boxes stored in files ([`plan::Chunk`]); the
 //! core validates them ([`mmap`]), plans output files and copy operations ([`plan`]), copies with
 //! fused casts ([`reshard`]) and writes the files in parallel ([`writer`], [`pool`]).
@@ -13,6 +14,7 @@
 pub mod dtype;
 pub mod error;
 pub mod mmap;
+pub mod pickle_scan;
 pub mod plan;
 pub mod pool;
 pub mod reshard;

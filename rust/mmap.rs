@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use memmap2::{Mmap, MmapOptions};
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -56,8 +57,20 @@ impl Drop for SourceFile {
 impl SourceFile {
     /// Opens and maps `path`.
     pub fn open(path: &Path) -> Result<SourceFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // O_NONBLOCK: a FIFO or device named as a source never blocks the open
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::format(
+                path,
+                "not a regular file; refusing to read it",
+            ));
+        }
+        let len = meta.len();
         let (map, slot) = if len == 0 {
             (None, None)
         } else {

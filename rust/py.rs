@@ -105,6 +105,12 @@ impl PySource {
 }
 
 /// Item size in bytes of a safetensors dtype name; `FormatError` if unknown.
+/// Refuses a pickle whose loading could exhaust memory or the C stack (see `pickle_scan.rs`).
+#[pyfunction]
+fn scan_pickle(data: &[u8], max_depth: u64) -> PyResult<()> {
+    crate::pickle_scan::scan_pickle(data, max_depth).map_err(FormatError::new_err)
+}
+
 #[pyfunction]
 fn dtype_size(dtype: &str) -> PyResult<usize> {
     DType::parse(dtype).map(DType::size).map_err(to_pyerr)
@@ -248,6 +254,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MappingError", py.get_type::<MappingError>())?;
     m.add("ShapeError", py.get_type::<ShapeError>())?;
     m.add_function(wrap_pyfunction!(dtype_size, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;
     m.add_function(wrap_pyfunction!(plan_shards, m)?)?;
     m.add_function(wrap_pyfunction!(write_shards, m)?)?;
     m.add_function(wrap_pyfunction!(gather, m)?)?;

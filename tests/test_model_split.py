@@ -32,7 +32,7 @@ def _model() -> dict[str, Any]:
     }
 
 
-def _titan_like(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+def _titan_like(tmp_path: Path, step: int = 3) -> tuple[Path, dict[str, Any]]:
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -46,11 +46,11 @@ def _titan_like(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
             },
             "param_groups": [{"lr": 1e-3, "params": list(model)}],
         },
-        "lr_scheduler": {"last_epoch": 3, "base_lrs": torch.tensor([1e-3])},
+        "lr_scheduler": {"last_epoch": step, "base_lrs": torch.tensor([1e-3])},
         "train_state": {"step": torch.tensor(3)},
         "dataloader": {"cursor": torch.tensor([7, 9])},
     }
-    src = tmp_path / "checkpoint" / "step-3"
+    src = tmp_path / "checkpoint" / f"step-{step}"
     dcp.save(state, checkpoint_id=src, no_dist=True)
     return src, model
 
@@ -110,3 +110,21 @@ def test_unclear_split_is_refused_and_include_works(tmp_path: Path) -> None:
     assert sorted(load_output(tmp_path / "cli")) == ["decoder.w", "encoder.w"]
     info = fastckpt.inspect(src)
     assert not info.tensors and any("cannot tell" in n for n in info.notes)
+
+
+def test_torchtitan_run_latest_with_optimizer_and_a_name_warning(tmp_path: Path) -> None:
+    """dump_folder/checkpoint/step-N/ is a run; the optimizer comes from optimizer.state.*; the
+    names stay torchtitan's, and the report says so."""
+    _titan_like(tmp_path, step=3)
+    _, model = _titan_like(tmp_path, step=6)
+    doc = fastckpt.runs.listing(tmp_path)
+    assert doc["layout"] == "torchtitan" and doc["latest"] == 6
+    out = tmp_path / "out"
+    report = fastckpt.convert(tmp_path, out, with_optimizer=True, fsync=False)
+    assert any("step 6" in n for n in report.notes)
+    assert any("torchtitan's" in w and "cannot load" in w for w in report.warnings)
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(out / "model.safetensors")) == sorted(model)
+    optim = load_file(out / "optimizer.safetensors")
+    assert sorted(optim) == sorted(f"state.{k}.{n}" for k in model for n in ("exp_avg", "step"))

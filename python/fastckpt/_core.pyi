@@ -36,6 +36,11 @@ class MappingError(FastckptError):
 class ShapeError(FastckptError):
     """Shapes, chunk coverage or byte sizes disagree."""
 
+def scan_pickle(data: bytes, max_depth: int) -> None:
+    """Refuse (``FormatError``, naming the byte) a pickle whose loading could exhaust memory or
+    the C stack: argument lengths past the data, memo indices beyond it, nesting deeper than
+    ``max_depth``, ``BUILD`` onto a global, out-of-band buffers, extension codes."""
+
 def dtype_size(dtype: str) -> int:
     """Item size in bytes of a safetensors dtype name; ``FormatError`` if unknown."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastckpt import _core
-from fastckpt._core import FastckptError, FormatError, MappingError
+from fastckpt._core import FastckptError, FormatError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
 from fastckpt.detect import open_catalogue
@@ -61,6 +61,7 @@ _UNITS = {
     "TIB": 2**40,
 }
 EMBED = "model.embed_tokens.weight"
+TITAN_EMBED = "tok_embeddings.weight"
 LM_HEAD = "lm_head.weight"
 
 
@@ -276,6 +277,12 @@ def convert(
     if not names:
         raise MappingError(f"{src_p}: no model tensors selected (see `fastckpt inspect`)")
     warnings: list[str] = list(resolved.warnings)
+    if TITAN_EMBED in names and EMBED not in names:
+        warnings.append(
+            f"tensor names are torchtitan's ({TITAN_EMBED}, layers.N.attention.*): fastckpt does "
+            "not map them to Hugging Face names yet, so they are written as they are and "
+            "transformers cannot load the folder as a model"
+        )
     if lora is None and has_lora(names):
         shown = next(n for n in names if ".lora_" in n or ".base_layer." in n)
         raise MappingError(
@@ -290,6 +297,7 @@ def convert(
         side = find_side_files([cfg_dir])
     else:
         side = find_side_files(cat.side_dirs)
+    warnings += side.skipped if copy_files else []
     config = side.config
     # Megatron: a config from its args (made, and maybe refused, only when it is needed)
     derived = getattr(cat.reader, "derived_config", None) if copy_files and config is None else None
@@ -333,6 +341,7 @@ def convert(
         entries = lplan.entries
         warnings += lplan.warnings
     optim = read_optimizer(cat) if with_optimizer else None
+    warnings += optim.warnings if optim is not None else []
     by_name = {e.name: e for e in entries}
     merged = set(lplan.out_dtype) if lplan else set()
     if (
@@ -381,7 +390,12 @@ def convert(
             shards.append(
                 ("optimizer.safetensors", [(e.source(), e.meta.dtype) for e in optim.entries])
             )
-        nbytes = write(str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress)
+        try:
+            nbytes = write(
+                str(tmp), shards, num_threads=num_threads, fsync=fsync, progress=progress
+            )
+        except ShapeError as exc:  # chunk coverage or sizes: name the checkpoint too
+            raise ShapeError(f"{src_p}: {exc}") from None
         shutil.rmtree(tmp / ".lora-merge", ignore_errors=True)
         written = list(files)
         if optim is not None:

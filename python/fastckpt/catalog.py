@@ -8,12 +8,55 @@ and one copy engine serve every format.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from fastckpt._core import MappingError
+from fastckpt import _core
+from fastckpt._core import FastckptError, FormatError, MappingError, ShapeError
+from fastckpt.safeio import short
+
+#: largest tensor a checkpoint may describe (bytes); larger means corrupt metadata
+MAX_TENSOR_BYTES = 2**60
+
+#: what a reader's own code raises when metadata values have the wrong type or shape
+_MALFORMED = (
+    AttributeError,
+    TypeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    RecursionError,
+    NotImplementedError,
+    ZeroDivisionError,
+    struct.error,
+)
+
+
+@contextlib.contextmanager
+def reading(path: Path | str) -> Iterator[None]:
+    """The reader boundary: every failure on a checkpoint's bytes becomes one
+    :class:`FastckptError` line naming ``path`` (or a file in it)."""
+    try:
+        yield
+    except FastckptError as exc:
+        message = str(exc)
+        if str(path) in message:
+            raise
+        raise type(exc)(f"{path}: {message}") from None
+    except _MALFORMED as exc:
+        raise FormatError(
+            f"{path}: malformed checkpoint metadata ({type(exc).__name__}: {short(str(exc))})"
+        ) from None
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 class Chunk(NamedTuple):
@@ -101,6 +144,8 @@ class Catalogue:
         notes: remarks found while reading (e.g. the wrapper that was stripped).
         undecided: why no entry could be taken as a model weight (then none is: the caller
             picks them with include patterns, or refuses with this message).
+        optimizer_dir: a separate checkpoint holding the optimizer state (accelerate's
+            ``optimizer_0/`` beside ``pytorch_model_fsdp_0/``).
     """
 
     format: str
@@ -111,6 +156,11 @@ class Catalogue:
     side_dirs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     undecided: str | None = None
+    optimizer_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name, meta in self.tensors.items():
+            check_meta(self.path, name, meta)
 
     def model_names(self) -> list[str]:
         return [name for name, meta in self.tensors.items() if meta.is_model]
@@ -122,4 +172,30 @@ class Catalogue:
             raise MappingError(f"{self.path}: no tensor named {name!r}") from None
 
     def locate(self, names: list[str]) -> list[TensorEntry]:
-        return self.reader.locate([self.meta(n) for n in names])
+        metas = [self.meta(n) for n in names]
+        with reading(self.path):
+            return self.reader.locate(metas)
+
+
+def check_meta(path: Path, name: object, meta: TensorMeta) -> None:
+    """Refuse a tensor whose name, dtype or shape no output could hold (one line, naming it)."""
+    if not isinstance(name, str) or not isinstance(meta.key, str):
+        raise FormatError(f"{path}: tensor name {short(name)} is not a string")
+    try:
+        name.encode()
+        meta.key.encode()
+    except UnicodeEncodeError:
+        raise FormatError(f"{path}: tensor name {short(name)} is not valid UTF-8") from None
+    try:
+        itemsize = _core.dtype_size(meta.dtype)
+    except (FastckptError, TypeError):
+        raise FormatError(
+            f"{path}: tensor {name!r} has unknown dtype {short(meta.dtype)}"
+        ) from None
+    shape = meta.shape
+    if not isinstance(shape, tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ShapeError(f"{path}: tensor {name!r} has an invalid shape {short(shape)}")
+    if math.prod(shape) * itemsize > MAX_TENSOR_BYTES:
+        raise ShapeError(f"{path}: tensor {name!r} has an implausible shape {short(shape)}")

@@ -19,9 +19,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+import typer.core
 
 if TYPE_CHECKING:
     from fastckpt.api import ConvertReport
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines in the usual form, ``fastckpt convert [OPTIONS] SRC DST`` (typer writes
+    required arguments as ``{SRC}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:  # typer's own click Context
+        pieces = super().collect_usage_pieces(ctx)
+        return [p[1:-1] if p[:1] == "{" and p[-1:] == "}" else p for p in pieces]
+
 
 app = typer.Typer(
     name="fastckpt",
@@ -153,6 +164,16 @@ def _errors() -> Iterator[None]:
     except KeyboardInterrupt:
         _err("interrupted; no output was left behind")
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # a bug, not bad input: still one line (traceback with DEBUG)
+        if os.environ.get("FASTCKPT_DEBUG"):
+            traceback.print_exc()
+        _err(
+            f"internal error ({type(exc).__name__}: {str(exc)[:300]}); please report it "
+            "(FASTCKPT_DEBUG=1 prints the traceback)"
+        )
+        raise typer.Exit(2) from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -214,7 +235,7 @@ def _summary(report: ConvertReport) -> str:
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def convert(
     src: SrcArg,
     dst: DstArg,
@@ -348,7 +369,7 @@ def convert(
         _push(dst, push_to_hub, private, revision, commit_message, quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     src: SrcArg,
     json_out: JsonOpt = False,
@@ -402,7 +423,7 @@ def inspect(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     a: Annotated[
         Path, typer.Argument(metavar="A", help="First checkpoint (a run dir: its latest step).")
@@ -466,7 +487,7 @@ def _push(
         typer.echo(f"uploaded {len(report.files)} files from {folder} to {where}", err=True)
 
 
-@app.command()
+@app.command(cls=_Command)
 def push(
     folder: Annotated[Path, typer.Argument(help="A converted Hugging Face folder.")],
     repo: Annotated[str, typer.Argument(help="Hub repository, user/name or org/name.")],
@@ -479,7 +500,7 @@ def push(
     _push(folder, repo, private, revision, commit_message, quiet)
 
 
-@app.command("ls")
+@app.command("ls", cls=_Command)
 def ls_run(
     run: RunArg,
     role: RoleOpt = None,
@@ -498,11 +519,11 @@ def ls_run(
     from rich.console import Console
     from rich.table import Table
 
-    from fastckpt.runs import is_step_counter
+    from fastckpt.runs import is_noise
 
     names: list[str] = []
     for s in doc["steps"]:  # every metric found; the step number has its own column
-        names += [k for k in s["metrics"] if k not in names and not is_step_counter(k)]
+        names += [k for k in s["metrics"] if k not in names and not is_noise(k)]
     if doc["metric"] and doc["metric"] not in names:
         names.append(doc["metric"])
     table = Table(
@@ -520,7 +541,9 @@ def ls_run(
             *[f"{s['metrics'][k]:g}" if k in s["metrics"] else "-" for k in names],
             marks,
         )
-    Console(highlight=False, soft_wrap=True).print(table)
+    # piped: as wide as the table needs (columns are never squeezed into "…")
+    width = None if sys.stdout.isatty() else 1000
+    Console(highlight=False, soft_wrap=True, width=width).print(table)
     if doc["metric"]:
         order = "higher" if doc["higher_is_better"] else "lower"
         typer.echo(f"best by {doc['metric']} ({order} is better): {doc['best']}")
@@ -540,7 +563,7 @@ def _human(n: int) -> str:
     return f"{size:.1f} TB"
 
 
-@app.command()
+@app.command(cls=_Command)
 def prune(
     run: RunArg,
     keep_top_k: Annotated[

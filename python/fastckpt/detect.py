@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from fastckpt._core import FormatError
-from fastckpt.catalog import Catalogue
-from fastckpt.distcp import is_dcp_dir, read_dcp
+from fastckpt.catalog import Catalogue, reading
+from fastckpt.distcp import accelerate_model_dir, is_dcp_dir, read_dcp
 from fastckpt.hf_folder import is_hf_dir, read_hf
 from fastckpt.megatron import is_dist_dir, is_legacy_dir, read_megatron
 from fastckpt.torch_save import (
@@ -42,7 +42,7 @@ def detect(path: Path) -> str:
         return "megatron_dist"
     if is_legacy_dir(path):
         return "megatron"
-    if is_dcp_dir(path):
+    if is_dcp_dir(path) or accelerate_model_dir(path) is not None:
         return "dcp"
     if is_hf_dir(path):
         return "safetensors"
@@ -70,12 +70,23 @@ def open_catalogue(
     rename tensors (Megatron); the others ignore them.
     """
     p = Path(path)
+    with reading(p):
+        return _open(p, arch=arch, hf_config=hf_config)
+
+
+def _open(p: Path, *, arch: str | None, hf_config: dict[str, Any] | None) -> Catalogue:
     fmt = detect(p)
     if fmt in ("megatron", "megatron_dist"):
         return read_megatron(p, arch=arch, hf_config=hf_config)
     if arch is not None:
         raise FormatError(f"{p}: --arch applies to Megatron checkpoints only (this is {fmt})")
     if fmt == "dcp":
+        accelerate = accelerate_model_dir(p)
+        if accelerate is not None:  # an accelerate save_state() folder
+            cat = read_dcp(accelerate)
+            cat.side_dirs += [p, p.parent]
+            cat.notes.append(f"accelerate save_state() folder: model from {accelerate.name}/")
+            return cat
         return read_dcp(p.parent if p.is_file() else p)
     if fmt == "deepspeed":
         return read_zero_dir(p.parent if p.is_file() else p)

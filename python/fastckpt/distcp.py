@@ -15,6 +15,7 @@ from typing import Any
 
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
+from fastckpt.safeio import plain_name, short
 from fastckpt.torch_pickle import (
     METADATA_GLOBALS,
     TORCH_TO_ST,
@@ -55,6 +56,14 @@ _WRAPPER_PARTS = re.compile(
 )
 
 _RANK_METADATA = re.compile(r"^__\d+\.metadata$")
+#: accelerate ``save_state()``: the model DCP, and its optimizer's beside it
+ACCELERATE_MODEL = re.compile(r"^pytorch_model_fsdp_(\d+)$")
+
+
+def accelerate_model_dir(path: Path) -> Path | None:
+    """The model DCP of an accelerate ``save_state()`` folder (``pytorch_model_fsdp_0/``)."""
+    model = path / "pytorch_model_fsdp_0"
+    return model if path.is_dir() and is_dcp_dir(model) else None
 
 
 def is_dcp_dir(path: Path) -> bool:
@@ -75,7 +84,65 @@ def _load_metadata_file(path: Path) -> Metadata:
         raise FormatError(f"{path}: not a DCP metadata file (got {type(md).__name__})")
     if md.storage_data is None:
         raise FormatError(f"{path}: metadata has no storage_data")
+    check_metadata(md, path)
     return md
+
+
+def _ints(value: Any, n: int | None = None) -> bool:
+    return (
+        isinstance(value, tuple | list)
+        and (n is None or len(value) == n)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+
+
+def check_metadata(md: Metadata, path: Path) -> None:
+    """Refuse DCP metadata whose records lack fields or hold values of the wrong type, naming
+    the entry (the readers then rely on every field they use)."""
+
+    def bad(entry: Any, what: str) -> FormatError:
+        return FormatError(f"{path}: entry {short(entry)}: {what}")
+
+    if not isinstance(md.storage_data, dict):
+        raise FormatError(f"{path}: storage_data is not a dict")
+    if md.planner_data is not None and not isinstance(md.planner_data, dict):
+        raise FormatError(f"{path}: planner_data is not a dict")
+    for fqn, item in md.state_dict_metadata.items():
+        if not isinstance(fqn, str):
+            raise bad(fqn, "key is not a string")
+        if isinstance(item, TensorStorageMetadata):
+            d = item.__dict__
+            if not _ints(d.get("size")):
+                raise bad(fqn, "missing or invalid size")
+            props = d.get("properties")
+            if not isinstance(getattr(props, "__dict__", {}).get("dtype"), str):
+                raise bad(fqn, "missing or invalid properties (dtype)")
+            chunks = d.get("chunks")
+            if not isinstance(chunks, list):
+                raise bad(fqn, "missing or invalid chunks")
+            rank = len(d["size"])
+            for c in chunks:
+                cd = getattr(c, "__dict__", {})
+                if not (_ints(cd.get("offsets"), rank) and _ints(cd.get("sizes"), rank)):
+                    raise bad(fqn, "a chunk without valid offsets and sizes")
+        planned = (md.planner_data or {}).get(fqn)
+        if isinstance(planned, tuple | list) and not all(isinstance(p, str | int) for p in planned):
+            raise bad(fqn, "invalid planner_data path")
+    for idx, info in md.storage_data.items():
+        if not isinstance(idx, MetadataIndex) or not isinstance(idx.fqn, str):
+            raise FormatError(f"{path}: storage_data key {short(idx)} is not a MetadataIndex")
+        if idx.offset is not None and not _ints(idx.offset):
+            raise bad(idx.fqn, "storage_data key with an invalid offset")
+        d = getattr(info, "__dict__", {})
+        if not (
+            isinstance(d.get("relative_path"), str) and _ints((d.get("offset"), d.get("length")))
+        ):
+            raise bad(idx.fqn, "storage_data record without a valid relative_path/offset/length")
+        transforms = d.get("transform_descriptors")
+        if transforms is not None and not (
+            isinstance(transforms, list | tuple) and all(isinstance(t, str) for t in transforms)
+        ):
+            raise bad(idx.fqn, "invalid transform_descriptors")
 
 
 def _merge_rank_metadata(paths: list[Path]) -> Metadata:
@@ -266,6 +333,8 @@ def read_dcp(directory: Path) -> Catalogue:
             f"items are {describe_transforms(transforms)}: tensors cannot be read; "
             f"{_DECOMPRESS_HINT}."
         )
+    accelerate = ACCELERATE_MODEL.match(directory.name)
+    optimizer_dir = parent / f"optimizer_{accelerate.group(1)}" if accelerate else None
     return Catalogue(
         format="dcp",
         path=directory,
@@ -275,6 +344,7 @@ def read_dcp(directory: Path) -> Catalogue:
         side_dirs=side_dirs,
         notes=notes,
         undecided=undecided,
+        optimizer_dir=optimizer_dir if optimizer_dir and is_dcp_dir(optimizer_dir) else None,
     )
 
 
@@ -301,16 +371,18 @@ class DcpReader:
                         f"{self.directory}: no storage entry for tensor {meta.key!r} chunk at "
                         f"{tuple(chunk.offsets)}"
                     )
+                rel = plain_name(
+                    info.relative_path,
+                    where=f"{self.directory / '.metadata'}: tensor {meta.key!r}",
+                )
                 if info.transform_descriptors:
                     raise FormatError(
-                        f"{self.directory / str(info.relative_path)}: tensor {meta.key!r} is "
+                        f"{self.directory / rel}: tensor {meta.key!r} is "
                         f"{describe_transforms(info.transform_descriptors)}; fastckpt copies "
                         "tensor bytes straight from uncompressed DCP items and cannot read it: "
                         f"{_DECOMPRESS_HINT}"
                     )
-                by_file[str(info.relative_path)].append(
-                    (int(info.offset), int(info.length), meta, chunk)
-                )
+                by_file[rel].append((int(info.offset), int(info.length), meta, chunk))
         for rel, items in by_file.items():
             path = self.directory / rel
             fd = self._open(path, items[0][2])

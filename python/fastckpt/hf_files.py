@@ -11,10 +11,16 @@ import fnmatch
 import json
 import os
 import re
-import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fastckpt._core import FormatError
+from fastckpt.safeio import contained, read_regular
+
+#: side files are small (the largest, tokenizer.json, is tens of MB)
+MAX_SIDE_FILE_BYTES = 2_000_000_000
 
 #: file names (or glob patterns) copied verbatim from a config/tokenizer folder
 SIDE_FILE_PATTERNS: tuple[str, ...] = (
@@ -51,6 +57,7 @@ class SideFiles:
 
     files: dict[str, Path] = field(default_factory=dict)
     config_dir: Path | None = None
+    skipped: list[str] = field(default_factory=list)  # refused candidates, with the reason
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -58,8 +65,8 @@ class SideFiles:
         if path is None:
             return None
         try:
-            value = json.loads(path.read_bytes())
-        except (OSError, ValueError):
+            value = json.loads(read_regular(path, limit=MAX_SIDE_FILE_BYTES, nofollow=True))
+        except (OSError, ValueError, FormatError):
             return None
         return value if isinstance(value, dict) else None
 
@@ -75,18 +82,42 @@ def find_side_files(dirs: list[Path]) -> SideFiles:
         if has_config:
             found.config_dir = d
         for name in names:
-            path = d / name
-            if not path.is_file() or name in found.files:
+            if name in found.files:
                 continue
             if any(fnmatch.fnmatchcase(name, pat) for pat in SIDE_FILE_PATTERNS) or (
                 has_config and fnmatch.fnmatchcase(name, CODE_PATTERN)
             ):
-                found.files[name] = path
+                path = _side_file(d / name, d, found)
+                if path is not None:
+                    found.files[name] = path
         templates = d / TEMPLATE_DIR
         if templates.is_dir():
             for tpl in sorted(templates.glob("*.jinja")):
-                found.files.setdefault(f"{TEMPLATE_DIR}/{tpl.name}", tpl)
+                key = f"{TEMPLATE_DIR}/{tpl.name}"
+                path = None if key in found.files else _side_file(tpl, d, found)
+                if path is not None:
+                    found.files[key] = path
     return found
+
+
+def _side_file(path: Path, root: Path, found: SideFiles) -> Path | None:
+    """The real path of a side file that may be copied (a regular file inside ``root``, or a
+    Hugging Face cache snapshot's link into its own blobs); None, with a skip noted, otherwise."""
+    if not os.path.lexists(path):
+        return None
+    real = contained(path, root)
+    if real is None:
+        found.skipped.append(f"{path}: a link out of {root}; not copied")
+        return None
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode):
+        if not stat.S_ISDIR(mode):
+            found.skipped.append(f"{path}: not a regular file; not copied")
+        return None
+    return real
 
 
 def tie_word_embeddings(config: dict[str, Any] | None) -> bool:
@@ -111,12 +142,10 @@ def copy_side_files(side: SideFiles, dst: Path, *, cast_to: str | None, fsync: b
     for name, src in side.files.items():
         target = dst / name
         target.parent.mkdir(parents=True, exist_ok=True)
+        data = read_regular(src, limit=MAX_SIDE_FILE_BYTES, nofollow=True)
         if name == "config.json" and cast_to is not None:
-            _write_bytes(target, update_config_dtype(src.read_bytes(), cast_to), fsync=fsync)
-        else:
-            shutil.copyfile(src, target)
-            if fsync:
-                _fsync_path(target)
+            data = update_config_dtype(data, cast_to)
+        _write_bytes(target, data, fsync=fsync)
         written.append(name)
     return written
 

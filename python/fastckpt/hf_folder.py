@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import struct
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
+from fastckpt.safeio import item_path, open_regular, read_regular
 
 #: safetensors readers reject larger headers
 MAX_HEADER_BYTES = 100_000_000
@@ -46,15 +48,18 @@ def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def read_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
     """Return ``(data_start, header)`` of a safetensors file, validating sizes."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
         if len(head) < 8:
             raise FormatError(f"{path}: too short for a safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise FormatError(f"{path}: invalid safetensors header length {n}")
-        raw = f.read(n)
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -75,11 +80,11 @@ def read_hf(path: Path) -> Catalogue:
         index = path / "model.safetensors.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (KeyError, ValueError) as exc:
-                raise FormatError(f"{index}: invalid index ({exc})") from None
-            names = dict.fromkeys(weight_map.values())
-            files = [path / n for n in names]
+                weight_map = json.loads(read_regular(index, limit=MAX_HEADER_BYTES))["weight_map"]
+                names = dict.fromkeys(weight_map.values())
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                raise FormatError(f"{index}: invalid index ({type(exc).__name__})") from None
+            files = [item_path(path, n, where=f"{index}: weight_map") for n in names]
         else:
             files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -122,6 +127,8 @@ def _entries(
             dtype = str(info["dtype"])
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
+            if not 0 <= begin <= end:
+                raise ValueError("data_offsets out of order")
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{file}: malformed header entry for {name!r}") from None
         zeros = (0,) * len(shape)

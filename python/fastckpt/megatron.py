@@ -38,6 +38,7 @@ from fastckpt._core import FormatError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
 from fastckpt.distcp import load_metadata, read_dcp
 from fastckpt.hf_files import TORCH_DTYPE_NAMES, find_side_files
+from fastckpt.safeio import item_path
 from fastckpt.torch_pickle import (
     TORCH_TO_ST,
     MetadataIndex,
@@ -712,7 +713,8 @@ def _dist_args(directory: Path) -> Args:
                 info = value
         if info is None:
             raise FormatError(f"{directory}: neither common.pt nor a common_state item (no args)")
-        path = directory / str(info.relative_path)
+        where = f"{directory / '.metadata'}: entry common_state/shard_0_1"
+        path = item_path(directory, info.relative_path, where=where)
         f = _load_zip(path, int(info.offset), int(info.length))
         obj = f.obj[0] if isinstance(f.obj, list) and f.obj else f.obj
         source = f"{path} (common_state)"

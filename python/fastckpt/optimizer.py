@@ -34,18 +34,20 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fastckpt import _core
 from fastckpt._core import FormatError
-from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta
-from fastckpt.distcp import DcpReader, normalise_name
+from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta, reading
+from fastckpt.distcp import DcpReader, normalise_name, read_dcp
+from fastckpt.safeio import item_path
 from fastckpt.torch_pickle import (
     BytesStorageMetadata,
     DTensorRef,
     MetadataIndex,
+    Stub,
     TensorRef,
     TorchZip,
     load_state_dict_pickle,
@@ -83,6 +85,7 @@ class OptimizerState:
     param_groups: list[dict[str, Any]]
     step: int | float | None
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)  # values left out of optimizer.json
 
     def json_bytes(self) -> bytes:
         doc = {"param_groups": self.param_groups, "step": self.step}
@@ -122,6 +125,15 @@ def _step(entries: list[TensorEntry]) -> int | float | None:
 
 def read_optimizer(cat: Catalogue) -> OptimizerState:
     """The optimizer state of a catalogued checkpoint (DCP or veRL rank files)."""
+    with reading(cat.path):
+        return _read_optimizer(cat)
+
+
+def _read_optimizer(cat: Catalogue) -> OptimizerState:
+    if cat.format == "dcp" and cat.optimizer_dir is not None:  # accelerate: optimizer_N/
+        optim = read_dcp(cat.optimizer_dir)
+        assert isinstance(optim.reader, DcpReader)
+        return _from_dcp(optim, optim.reader)
     if cat.format == "dcp" and isinstance(cat.reader, DcpReader):
         return _from_dcp(cat, cat.reader)
     if cat.format == "torch_ranks":
@@ -143,9 +155,12 @@ def _from_zero(cat: Catalogue) -> OptimizerState:
     if not isinstance(cat.reader, ZeroReader):
         raise FormatError(f"{cat.path}: not a DeepSpeed ZeRO catalogue")
     zero = read_zero_optimizer(cat.path, cat.reader.layout)
-    groups = [{k: _plain(v) for k, v in g.items()} for g in zero.param_groups]
+    dropped: list[str] = []
+    groups = [
+        _plain_group(g, i, dropped, keep_params=True) for i, g in enumerate(zero.param_groups)
+    ]
     return OptimizerState(entries=zero.entries, param_groups=groups, step=_step(zero.entries),
-                          notes=zero.notes)  # fmt: skip
+                          notes=zero.notes, warnings=dropped)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +181,7 @@ def _read_bytes_item(directory: Path, reader: DcpReader, key: str) -> Any:
     info = reader.md.storage_data.get(MetadataIndex(key))
     if info is None:
         raise FormatError(f"{directory}: no storage entry for {key!r}")
-    path = directory / str(info.relative_path)
+    path = item_path(directory, info.relative_path, where=f"{directory / '.metadata'}: {key!r}")
     offset, length = int(info.offset), int(info.length)
     if length > MAX_VALUE_BYTES:
         raise FormatError(f"{path}: item {key!r} is implausibly large ({length} bytes)")
@@ -220,12 +235,14 @@ def _from_dcp(cat: Catalogue, reader: DcpReader) -> OptimizerState:
             continue
         metas.append(replace(meta, name=f"state.{normalise_name(str(fqn))}.{name}"))
     entries = reader.locate(metas)
-    param_groups = _dcp_groups(cat, reader, prefix, group_keys)
+    dropped: list[str] = []
+    param_groups = _dcp_groups(cat, reader, prefix, group_keys, dropped)
     return OptimizerState(
         entries=entries,
         param_groups=param_groups,
         step=_step(entries),
         notes=[f"optimizer state under {pname}."],
+        warnings=dropped,
     )
 
 
@@ -234,6 +251,7 @@ def _dcp_groups(
     reader: DcpReader,
     prefix: tuple[Any, ...],
     keys: list[tuple[tuple[Any, ...], int, str, str]],
+    dropped: list[str],
 ) -> list[dict[str, Any]]:
     out: dict[int, dict[str, Any]] = {}
     by_key = {m.key: m for m in cat.tensors.values()}
@@ -242,7 +260,10 @@ def _dcp_groups(
             continue
         item = reader.md.state_dict_metadata[key]
         if isinstance(item, BytesStorageMetadata):
-            value = _plain(_read_bytes_item(cat.path, reader, key))
+            where = f"param_groups[{idx}].{field_name}"
+            value = _plain(_read_bytes_item(cat.path, reader, key), dropped, where)
+            if value is _DROPPED:
+                continue
         elif key in by_key and by_key[key].numel == 1:
             (entry,) = reader.locate([by_key[key]])
             value = _scalar(entry)
@@ -254,15 +275,51 @@ def _dcp_groups(
     return [out[i] for i in sorted(out)]
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-friendly copy of a small unpickled value (stubs and tensors become strings)."""
+#: most values (list items, dict entries) one param_groups value may expand to in optimizer.json
+MAX_PLAIN_VALUES = 100_000
+
+
+def _plain(value: Any, dropped: list[str], where: str, budget: list[int] | None = None) -> Any:
+    """A JSON-friendly copy of a small unpickled value: only plain values (None, bool, int,
+    float, str, and lists, tuples and str/int-keyed dicts of them) reach the output. Anything
+    else (a pickled class fastckpt does not know, a tensor) is dropped with a warning."""
+    budget = [MAX_PLAIN_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise FormatError(f"{where}: optimizer value is implausibly large")
     if isinstance(value, bool | int | float | str) or value is None:
         return value
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        items = [_plain(v, dropped, f"{where}[{i}]", budget) for i, v in enumerate(value)]
+        return [v for v in items if v is not _DROPPED]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str | int) or isinstance(k, bool):
+                dropped.append(f"{where}: dropped a key of type {type(k).__name__}")
+                continue
+            item = _plain(v, dropped, f"{where}.{k}", budget)
+            if item is not _DROPPED:
+                out[str(k)] = item
+        return out
+    what = value.qualname() if isinstance(value, Stub) else type(value).__name__
+    dropped.append(f"optimizer.json: {where}: dropped a value of type {what} (not plain data)")
+    return _DROPPED
+
+
+_DROPPED = object()
+
+
+def _plain_group(
+    group: Any, index: int, dropped: list[str], *, keep_params: bool = False
+) -> dict[str, Any]:
+    """One param group as plain JSON data (see :func:`_plain`)."""
+    if not isinstance(group, dict):
+        dropped.append(f"optimizer.json: param_groups[{index}] is not a dict; dropped")
+        return {}
+    kept = {k: v for k, v in group.items() if keep_params or k != "params"}
+    out = _plain(kept, dropped, f"param_groups[{index}]")
+    return out if isinstance(out, dict) else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,13 +418,18 @@ def _from_rank_files(cat: Catalogue) -> OptimizerState:
     located = reader.locate([replace(m, is_model=False, name=m.key) for m in metas.values()])
     names = [p.name for p in params]
     param_groups = []
-    for g in groups0:
+    dropped: list[str] = []
+    for gi, g in enumerate(groups0):
         if not isinstance(g, dict):
             continue
-        group = {str(k): _plain(v) for k, v in g.items() if k != "params"}
+        group = _plain_group(g, gi, dropped)
         ids = g.get("params", [])
+        if not isinstance(ids, list | tuple):
+            raise FormatError(f"{directory}: param_groups[{gi}].params is not a list")
         group["params"] = [
-            names[i] if isinstance(i, int) and 0 <= i < len(names) else str(i) for i in ids
+            names[i] if isinstance(i, int) and 0 <= i < len(names) else i
+            for i in ids
+            if isinstance(i, int | str)
         ]
         param_groups.append(group)
     return OptimizerState(
@@ -378,6 +440,7 @@ def _from_rank_files(cat: Catalogue) -> OptimizerState:
             f"optimizer state from {world} optim_world_size_{world}_rank_R.pt files "
             "(parameter index i = the i-th tensor of the model files)"
         ],
+        warnings=dropped,
     )
 
 

@@ -48,8 +48,16 @@ ROLES = ("actor", "policy", "critic")
 
 _NEMO_STEP = re.compile(r"^(tmp_)?step_(\d+)$")
 _GLOBAL_STEP = re.compile(r"^global_step_(\d+)$")
+#: torchtitan: dump_folder/checkpoint/step-N/ (a DCP)
+_TITAN_STEP = re.compile(r"^step-(\d+)$")
 _DS_TAG = re.compile(r"^(best_)?global_step(\d+)$")
 _ITER = re.compile(r"^iter_(\d{7,})$")
+#: transformers Trainer: output_dir/checkpoint-N/ with trainer_state.json
+_TRAINER_CKPT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+#: what a Trainer checkpoint holds its weights as (any one of them)
+_TRAINER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json", "pytorch_model_fsdp_0")  # fmt: skip
 _RANK_METADATA = re.compile(r"^__(\d+)\.metadata$")
 _DISTCP = re.compile(r"^__(\d+)_\d+\.distcp$")
 _VERL_MODEL = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -67,6 +75,8 @@ _ROLE_DIRS: dict[str, dict[str, str]] = {
     "prime-rl": {"policy": "trainer"},
     "openrlhf": {"policy": "_actor", "critic": "_critic"},
     "megatron": {"policy": ""},
+    "trainer": {"policy": ""},
+    "torchtitan": {"policy": ""},
 }
 
 
@@ -111,6 +121,8 @@ class Run:
     steps: list[Step]
     tracker: int | None = None
     default_metric: str | None = None
+    #: the step the framework itself recorded as best (Trainer ``best_global_step``)
+    best_step: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -168,6 +180,8 @@ class Run:
         Returns:
             ``(step, warnings)``: one warning per complete step lacking the metric.
         """
+        if metric is None and self.default_metric is None and self.best_step is not None:
+            return self.by_number(self.best_step), []
         name = self.resolve_metric(metric)
         ranked, warnings = rank_steps(self.complete, name, higher_is_better=higher_is_better)
         if not ranked:
@@ -425,6 +439,14 @@ def _find_layout(root: Path) -> tuple[str, Path] | None:
                                                    "model_state_dict")):  # fmt: skip
                 return "rlinf", root
             return "verl", root
+    if any(_TRAINER_CKPT.match(n) for n in names):
+        return "trainer", root
+    if any(_TITAN_STEP.match(n) and _is_dcp(root / n) for n in names):
+        return "torchtitan", root
+    if "checkpoint" in names:  # torchtitan's dump folder
+        found = _find_layout(root / "checkpoint")
+        if found is not None and found[0] == "torchtitan":
+            return found
     if "checkpoints" in names:
         return _find_layout(root / "checkpoints")
     return None
@@ -466,7 +488,7 @@ def scan_run(path: PathLike, *, role: str | None = None) -> Run:
     if found is None:
         raise FormatError(
             f"{root}: not a training run fastckpt recognises (no step_N/, global_step_N/, "
-            "iter_NNNNNNN/ or _actor/ folders)"
+            "iter_NNNNNNN/, checkpoint-N/, step-N/ or _actor/ folders)"
         )
     layout, base = found
     key = _role_key(role)
@@ -481,6 +503,8 @@ def scan_run(path: PathLike, *, role: str | None = None) -> Run:
         "rlinf": _scan_verl,
         "openrlhf": _scan_openrlhf,
         "megatron": _scan_megatron,
+        "trainer": _scan_trainer,
+        "torchtitan": _scan_torchtitan,
     }[layout]
     run = scanner(base, sub)
     run.layout, run.role = layout, sub or "model"
@@ -490,7 +514,8 @@ def scan_run(path: PathLike, *, role: str | None = None) -> Run:
     for s in run.steps:
         uniq[s.step] = s
     run.steps = list(uniq.values())
-    run.default_metric = _default_metric(run)
+    if run.best_step is None:  # else the framework's own choice stands for --step best
+        run.default_metric = _default_metric(run)
     return run
 
 
@@ -634,15 +659,73 @@ def _scan_megatron(root: Path, sub: str) -> Run:
     return run
 
 
+def _scan_trainer(root: Path, sub: str) -> Run:
+    """transformers Trainer ``output_dir``: ``checkpoint-N/`` folders, each complete with its
+    ``trainer_state.json`` (written after the weights); metrics from its ``log_history``; best
+    from the latest state's ``best_global_step`` (or ``best_model_checkpoint``)."""
+    del sub
+    steps = []
+    best: int | None = None
+    found = [(int(m.group(1)), d) for d in _children(root) if (m := _TRAINER_CKPT.match(d.name))]
+    for n, d in sorted(found):  # by step: the latest state's best is the one that stands
+        state = _load_json(d / TRAINER_STATE)
+        if not any((d / w).exists() for w in _TRAINER_WEIGHTS):
+            s = _missing(n, d, f"{d.name}/ ({' or '.join(_TRAINER_WEIGHTS[:3])})")
+        elif not isinstance(state, dict):
+            s = Step(n, d, d, "-", False, f"no {TRAINER_STATE} in {d.name}/ (save in progress)")
+        else:
+            s = Step(n, d, d, "-", True)
+        if isinstance(state, dict):
+            for entry in state.get("log_history") or []:
+                if isinstance(entry, dict) and entry.get("step") == n:
+                    s.metrics.update(_numeric(entry))
+            best = _trainer_best(state, best)
+        steps.append(_finish(s))
+    return Run(root, "", "", steps, best_step=best)
+
+
+def _scan_torchtitan(root: Path, sub: str) -> Run:
+    """torchtitan ``checkpoint/step-N/``: each a DCP, complete with its ``.metadata``."""
+    del sub
+    steps = []
+    for d in _children(root):
+        m = _TITAN_STEP.match(d.name)
+        if not m:
+            continue
+        ok, why = _dcp_state(d)
+        steps.append(_finish(Step(int(m.group(1)), d, d, "-", ok, why)))
+    return Run(root, "", "", steps)
+
+
+def _trainer_best(state: dict[str, Any], before: int | None) -> int | None:
+    step = state.get("best_global_step")
+    if isinstance(step, int) and not isinstance(step, bool):
+        return step
+    path = state.get("best_model_checkpoint")
+    m = _TRAINER_CKPT.match(Path(path).name) if isinstance(path, str) else None
+    return int(m.group(1)) if m else before
+
+
 def is_step_counter(name: str) -> bool:
     """A ``training_info.json`` entry that repeats the step number."""
     return name in ("step", "current_step", "global_step", "iteration")
 
 
+def is_noise(name: str) -> bool:
+    """A logged number that says how training ran, not how good the model is (left out of
+    ``fastckpt ls`` columns): step counters, timings, throughput, schedule, gradient norms."""
+    return (
+        is_step_counter(name)
+        or name in ("epoch", "grad_norm", "learning_rate", "total_flos")
+        or (name.endswith(("_runtime", "_per_second")))
+    )
+
+
 def looks_like_step(name: str) -> bool:
     """A folder name that a run's layout would list as a step (``step_9``, ``global_step_9``,
-    ``global_step9``, ``iter_0000009``)."""
-    return any(p.match(name) for p in (_NEMO_STEP, _GLOBAL_STEP, _DS_TAG, _ITER))
+    ``global_step9``, ``iter_0000009``, ``checkpoint-9``, ``step-9``)."""
+    pats = (_NEMO_STEP, _GLOBAL_STEP, _DS_TAG, _ITER, _TRAINER_CKPT, _TITAN_STEP)
+    return any(p.match(name) for p in pats)
 
 
 def is_bookkeeping(name: str) -> bool:
@@ -704,7 +787,9 @@ def resolve_source(
     chosen, warnings = run.select(step, metric=metric, higher_is_better=higher_is_better)
     assert chosen.weights is not None  # complete steps always have weights
     how = "latest" if step in (None, "latest") else "as requested"
-    if step == "best":
+    if step == "best" and metric is None and run.default_metric is None and run.best_step:
+        how = "best as the trainer recorded it"
+    elif step == "best":
         name = run.resolve_metric(metric)
         how = f"best by {name} = {chosen.metrics[name]:g}"
     note = f"{run.layout} run: step {chosen.step} ({how}), role {run.role}: {chosen.weights}"
@@ -737,6 +822,8 @@ def listing(
     if name is not None:
         ranked, warnings = rank_steps(run.complete, name, higher_is_better=higher_is_better)
         best = ranked[0] if ranked else None
+    elif run.best_step is not None:
+        best = next((s for s in run.complete if s.step == run.best_step), None)
     warnings += [
         f"{p}: left by an interrupted removal (not a step); `fastckpt prune` or a new "
         "CheckpointManager removes it"

@@ -24,7 +24,9 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from fastckpt import _core
 from fastckpt._core import FormatError
+from fastckpt.safeio import open_regular, short
 
 # --------------------------------------------------------------------------------------------
 # dtypes
@@ -102,14 +104,16 @@ def torch_itemsize(dtype: str) -> int:
     try:
         return _ITEM_SIZES[dtype]
     except KeyError:
-        raise FormatError(f"unsupported torch dtype {dtype!r}") from None
+        raise FormatError(f"unsupported torch dtype {short(dtype)}") from None
 
 
 class DType(str):
     """A torch dtype named in a pickle (``torch.bfloat16`` becomes ``DType("bfloat16")``)."""
 
+    __slots__ = ()  # shared by every call: no attributes a pickle could set
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class StorageRef:
     """A storage named by a persistent id: ``data/<key>`` in the archive."""
 
@@ -118,7 +122,7 @@ class StorageRef:
     numel: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorRef:
     """A tensor rebuilt lazily: where its elements live, never the elements themselves."""
 
@@ -153,8 +157,8 @@ class _Record:
             return defaults[name]
         raise AttributeError(name)
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+    def __repr__(self) -> str:  # bounded: values may be an exponential pickled DAG
+        fields = ", ".join(f"{k}={short(v)}" for k, v in list(self.__dict__.items())[:8])
         return f"{type(self).__name__}({fields})"
 
 
@@ -249,19 +253,36 @@ _MEM_FORMATS = {0: "contiguous", 1: "channels_last", 2: "preserve"}
 
 
 def _mem_format(value: int) -> str:
-    return _MEM_FORMATS.get(value, str(value))
+    return _MEM_FORMATS.get(value, short(value)) if isinstance(value, int) else "unknown"
 
 
 def _path(*parts: Any) -> str:
-    return "/".join(str(p) for p in parts)
+    if not all(isinstance(p, str) for p in parts):
+        raise FormatError("pickled path with a part that is not a string")
+    return "/".join(parts)
 
 
-def _identity(value: Any) -> Any:
+def _data(value: Any) -> Any:
+    """A value passed through by a stand-in: data only, never a global (class, function)."""
+    if callable(value) or isinstance(value, type):
+        raise FormatError(f"refusing to pass a pickled global through ({type(value).__name__})")
     return value
 
 
+def _identity(value: Any) -> Any:
+    return _data(value)
+
+
+#: most dimensions a tensor shape may have (torch allows 64)
+MAX_DIMS = 64
+
+
 def _size(value: Any = ()) -> tuple[int, ...]:
-    return tuple(int(v) for v in value)
+    if not isinstance(value, tuple | list) or len(value) > MAX_DIMS:
+        raise FormatError(f"malformed pickled shape {short(value)}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise FormatError(f"malformed pickled shape {short(value)}")
+    return tuple(value)
 
 
 _DCP_CLASSES: dict[str, type] = {
@@ -333,20 +354,32 @@ def _rebuild_tensor_v3(
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
-    return data
+    return _data(data)
 
 
 def _rebuild_parameter_with_state(
     data: Any, requires_grad: Any, backward_hooks: Any, state: Any
 ) -> Any:
-    return data
+    return _data(data)
 
 
 class _StorageType:
-    """A storage class named in a persistent id (``torch.FloatStorage``, ``UntypedStorage``)."""
+    """A storage class named in a persistent id (``torch.FloatStorage``, ``UntypedStorage``).
+
+    Shared by every call, so immutable: no ``__dict__``, and ``setattr`` refused.
+    """
+
+    __slots__ = ("dtype",)
+    dtype: str
 
     def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
+        object.__setattr__(self, "dtype", dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FormatError("refusing to modify a pickle stand-in")
+
+    def __delattr__(self, name: str) -> None:
+        raise FormatError("refusing to modify a pickle stand-in")
 
 
 def _tensor_globals() -> dict[tuple[str, str], Any]:
@@ -375,6 +408,54 @@ METADATA_GLOBALS = {**_common_globals(), **_metadata_globals()}
 TENSOR_GLOBALS = {**_common_globals(), **_tensor_globals()}
 
 
+# --------------------------------------------------------------------------------------------
+# bounds
+
+#: deepest nesting of containers and objects a pickle may build (real ones stay below 20)
+MAX_DEPTH = 100
+
+
+def scan_pickle(data: bytes, *, source: str, max_depth: int = MAX_DEPTH) -> None:
+    """Refuse a pickle whose loading could exhaust memory or the C stack, before it is loaded.
+
+    The C unpickler trusts its input: ``LONG_BINPUT`` with a huge index resizes the memo to that
+    index, a length-prefixed string is allocated before it is read, and hashing a tuple nested a
+    million deep recurses in C until the process dies. ``_core.scan_pickle`` (Rust, one pass
+    over the opcodes) refuses such input, and ``BUILD`` onto a global, before anything is built.
+    """
+    try:
+        _core.scan_pickle(data, max_depth)
+    except FormatError as exc:
+        raise FormatError(f"{source}: cannot read pickle: {exc}") from None
+
+
+class _Sized:
+    """A size-taking builtin (``set``, ``bytearray``, ``range``, ...) bound to one unpickler's
+    element budget: a 9-byte pickle cannot ask for ``bytearray(10**9)``. Immutable."""
+
+    __slots__ = ("_fn", "_owner")
+    _fn: Any
+    _owner: RestrictedUnpickler
+
+    def __init__(self, fn: Any, owner: RestrictedUnpickler) -> None:
+        object.__setattr__(self, "_fn", fn)
+        object.__setattr__(self, "_owner", owner)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FormatError("refusing to modify a pickle stand-in")
+
+    def __call__(self, *args: Any) -> Any:
+        for a in args:
+            if isinstance(a, int) and not isinstance(a, bool):
+                self._owner.spend(max(0, a) if self._fn is bytearray else 0)
+            elif hasattr(a, "__len__"):
+                self._owner.spend(len(a))
+        value = self._fn(*args)
+        if isinstance(value, range):
+            self._owner.spend(len(value))
+        return value
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves globals only through an allow-list of local stand-ins.
 
@@ -395,28 +476,59 @@ class RestrictedUnpickler(pickle.Unpickler):
         storages: bool = False,
     ) -> None:
         super().__init__(file)
+        self._data = file.getvalue() if isinstance(file, io.BytesIO) else None
         self._allowed = allowed
         self._source = source
         self._storages = storages
+        # elements that the size-taking builtins (set, bytearray, range, ...) may still create
+        self._budget = 4096 + 8 * len(self._data or b"")
+
+    def load(self) -> Any:
+        """Scan the opcodes (:func:`scan_pickle`), then unpickle."""
+        if self._data is None:
+            raise FormatError(f"{self._source}: the restricted unpickler needs in-memory data")
+        scan_pickle(self._data, source=self._source)
+        try:
+            return super().load()
+        except FormatError as exc:  # raised by a stand-in: name the file
+            if str(exc).startswith(self._source):
+                raise
+            raise FormatError(f"{self._source}: {exc}") from None
+        except Exception as exc:  # corrupt pickle, or a stand-in refusing its arguments
+            raise FormatError(
+                f"{self._source}: cannot read pickle ({type(exc).__name__}: {short(str(exc))})"
+            ) from None
+
+    def spend(self, n: int) -> None:
+        """Account for ``n`` elements created by a call; refuse a memory bomb."""
+        self._budget -= n
+        if self._budget < 0:
+            raise FormatError(
+                f"{self._source}: refusing pickle: its calls would create more elements than "
+                "its size allows (a memory bomb?)"
+            )
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self._allowed[(module, name)]
+            found = self._allowed[(module, name)]
         except KeyError:
             raise FormatError(
                 f"{self._source}: refusing to load pickled global {module}.{name} "
                 "(not on fastckpt's allow-list; nothing was executed)"
             ) from None
+        return _Sized(found, self) if id(found) in _SIZED_BUILTINS else found
 
     def persistent_load(self, pid: Any) -> Any:
         if not self._storages:
             raise FormatError(f"{self._source}: unexpected persistent id in pickle")
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise FormatError(f"{self._source}: unsupported persistent id {pid!r}")
+            raise FormatError(f"{self._source}: unsupported persistent id {short(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise FormatError(f"{self._source}: unsupported storage type {storage_type!r}")
-        return StorageRef(str(key), storage_type.dtype, int(numel))
+            raise FormatError(f"{self._source}: unsupported storage type {short(storage_type)}")
+        if not isinstance(key, str | int) or not isinstance(numel, int) or numel < 0:
+            raise FormatError(f"{self._source}: malformed storage reference {short(pid)}")
+        return StorageRef(str(key), storage_type.dtype, numel)
 
 
 def restricted_loads(
@@ -500,6 +612,8 @@ class TorchZip:
         self.path = path
         self._fd = fd
         self._offset = offset
+        if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 0:
+            raise FormatError(f"{path}: invalid item location (offset {offset}, length {length})")
         window = FileWindow(fd, offset, length)
         head = os.pread(fd, 4, offset)
         if head != b"PK\x03\x04":
@@ -512,6 +626,10 @@ class TorchZip:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
             raise FormatError(f"{path}: corrupt zip item at byte {offset}: {exc}") from None
+        except (NotImplementedError, OverflowError, UnicodeError, TypeError) as exc:
+            raise FormatError(
+                f"{path}: unsupported zip item at byte {offset} ({type(exc).__name__}: {exc})"
+            ) from None
         self.entries: dict[str, ZipEntry] = {}
         self.prefix = ""
         for info in infos:
@@ -535,6 +653,8 @@ class TorchZip:
             raise FormatError(f"{path}: big-endian torch archives are not supported")
 
     def _data_start(self, info: zipfile.ZipInfo) -> int:
+        if info.header_offset < 0:
+            raise FormatError(f"{self.path}: bad local zip header offset for {info.filename}")
         header = os.pread(self._fd, 30, self._offset + info.header_offset)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise FormatError(f"{self.path}: bad local zip header for {info.filename}")
@@ -567,8 +687,8 @@ class TorchZip:
 
 
 def open_fd(path: str) -> int:
-    """Open ``path`` read-only (a small helper so callers close it with ``os.close``)."""
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    """Open a regular file read-only, never blocking (close it with ``os.close``)."""
+    return open_regular(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,6 +724,8 @@ _DENIED_GLOBALS = frozenset(
 )
 
 #: builtins that real state dicts use and that are safe to call
+#: the builtins whose arguments size what they allocate (wrapped by :class:`_Sized`)
+_SIZED_BUILTINS = frozenset(map(id, (set, frozenset, bytearray, range)))
 _SAFE_BUILTINS: dict[str, Any] = {
     "set": set,
     "frozenset": frozenset,
@@ -698,7 +820,7 @@ class DTensorType(_DRecord):
     """The ``DTensor`` class itself, named as ``new_type`` of ``_rebuild_from_type_v2``."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DTensorRef:
     """A DTensor as pickled on one rank: its local tensor, global shape and spec."""
 
@@ -771,11 +893,11 @@ def _stub_getattr(obj: Any, name: Any) -> Any:
     allowed on stub classes only, giving another stub class; never a real attribute lookup."""
     if isinstance(obj, type) and issubclass(obj, Stub):
         return _make_stub(obj.qualname(), str(name))
-    raise FormatError(f"refusing pickled getattr({type(obj).__name__}, {name!r})")
+    raise FormatError(f"refusing pickled getattr({type(obj).__name__}, {short(name)})")
 
 
 def _device(*args: Any) -> str:
-    return str(args[0]) if args else "cpu"
+    return (args[0] if isinstance(args[0], str) else short(args[0])) if args else "cpu"
 
 
 def _state_dict_globals() -> dict[tuple[str, str], Any]:
@@ -812,7 +934,7 @@ class StubbingUnpickler(RestrictedUnpickler):
     def find_class(self, module: str, name: str) -> Any:
         found = self._allowed.get((module, name))
         if found is not None:
-            return found
+            return _Sized(found, self) if id(found) in _SIZED_BUILTINS else found
         root = module.split(".")[0]
         if (
             (module, name) in _DENIED_GLOBALS
