@@ -158,15 +158,8 @@ class DestinationExistsError(FastckptError):
         self.path = path
 
 
-def _is_training_run(path: Path) -> bool:
-    """A run dir with a step that is not a converted folder (``convert_steps`` writes those)."""
-    if not is_run_dir(path):
-        return False
-    return any(
-        looks_like_step(p.name) and not any(p.glob("model*.safetensors*"))
-        for p in path.iterdir()
-        if p.is_dir()
-    )
+#: folders that :func:`convert_steps` is filling with ``step_N/`` outputs (resolved)
+_STEP_OUTPUTS: set[Path] = set()
 
 
 def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
@@ -176,7 +169,7 @@ def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
             "folder, or remove the link"
         )
     s, d = src.resolve(), dst.resolve()
-    if looks_like_step(d.name) and _is_training_run(d.parent):
+    if looks_like_step(d.name) and d.parent not in _STEP_OUTPUTS and is_run_dir(d.parent):
         raise FastckptError(
             f"destination {dst} would look like a step of the training run {dst.parent} "
             "(fastckpt ls would list it as an incomplete step); choose another name or folder"
@@ -525,13 +518,17 @@ def convert_steps(
             **options,
         )
 
-    if ray_address is None or len(numbers) == 1:
-        return [one(n) for n in numbers]
-    from fastckpt.cluster import connect
+    _STEP_OUTPUTS.add(dst_p.resolve())  # its step_N/ outputs are not steps of a training run
+    try:
+        if ray_address is None or len(numbers) == 1:
+            return [one(n) for n in numbers]
+        from fastckpt.cluster import connect
 
-    connect(ray_address)  # once, before the threads
-    with ThreadPoolExecutor(min(max_parallel, len(numbers)), "fastckpt-step") as pool:
-        return list(pool.map(one, numbers))
+        connect(ray_address)  # once, before the threads
+        with ThreadPoolExecutor(min(max_parallel, len(numbers)), "fastckpt-step") as pool:
+            return list(pool.map(one, numbers))
+    finally:
+        _STEP_OUTPUTS.discard(dst_p.resolve())
 
 
 def inspect(
