@@ -133,6 +133,16 @@ pub(crate) const VIA_CFR: u8 = 1;
 /// `pwrite` from the source mapping.
 pub(crate) const VIA_PWRITE: u8 = 2;
 
+/// The copy path a call starts with: [`VIA_SPLICE`], unless `FASTCKPT_COPY` names another
+/// (`copy_file_range` or `pwrite`; for benchmarks and as an escape hatch on odd filesystems).
+fn first_copy_mode() -> u8 {
+    match std::env::var("FASTCKPT_COPY").as_deref().map(str::trim) {
+        Ok("copy_file_range") => VIA_CFR,
+        Ok("pwrite") => VIA_PWRITE,
+        _ => VIA_SPLICE,
+    }
+}
+
 /// Pipe capacity asked for the splice path (Linux's default `pipe-max-size`).
 const PIPE_BYTES: usize = 1 << 20;
 /// Below this capacity (a user over `pipe-user-pages-soft` gets one page) splicing loses to
@@ -570,7 +580,7 @@ pub fn stage_shards(
     }
 
     // ---- copy ----
-    let mode = AtomicU8::new(VIA_SPLICE);
+    let mode = AtomicU8::new(first_copy_mode());
     let bufs = Buffers::new(window);
     // Test hook (documented in docs/SECURITY.md): a pause before each work item, so that fault
     // tests can truncate a source or kill the process while a conversion copies.
