@@ -19,7 +19,9 @@ skipped), each shard limit and each mode, rounds interleave ``cp -r`` and ``fast
 early writeback against ``cp -r && find OUT -exec sync {} +``). The script prints the peak summed
 ``RssAnon`` of the process tree (``compare.run_measured``, polled every 3 ms), the median wall,
 seconds per GB of tensor bytes (both commands), and the median of per-round ratios to that round's
-``cp``. At 12 GB the source and output (24 GB) do not both fit this machine's page cache.
+``cp``. ``--copy splice copy_file_range`` runs fastckpt once per copy path (``FASTCKPT_COPY``) in
+each round, for an A/B of the range-copy call. At 12 GB the source and output (24 GB) do not
+both fit this machine's page cache.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", nargs="+", default=["100MB", "500MB", "5GB"])
     p.add_argument("--modes", nargs="+", choices=["warm", "cold", "durable"], default=["warm"])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--copy",
+        nargs="+",
+        choices=["splice", "copy_file_range", "pwrite"],
+        default=["splice"],
+        help="FASTCKPT_COPY values to run side by side in each round (default: splice)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     fck = fastckpt_exe()
@@ -64,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     base = SIZES["M"]
     print("machine:", machine_line(runs))
     print("load before:", os.getloadavg()[0], "PSI some avg60:", pressure())
-    cols = ["model", "tensor bytes", "mode", "--max-shard-size", "files", "cp s/GB",
+    cols = ["model", "tensor bytes", "mode", "--max-shard-size", "copy", "files", "cp s/GB",
             "fastckpt wall s", "s/GB", f"{TIMES} cp (min{DASH}max)", "peak anon MiB"]  # fmt: skip
     print("| " + " | ".join(cols) + " |")
-    print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
     for layers in args.layers:
         shape = ModelShape(base.hidden, layers, base.vocab, base.ffn)
         root = data_dir(args.out, shape, 2, False, 0)
@@ -78,37 +87,42 @@ def main(argv: list[str] | None = None) -> int:
         gb = shape.nbytes() / 1e9
         for mode in args.modes:
             for limit in args.shards:
-                walls, cps, ratios, peaks, files = [], [], [], [], 0
-
+                walls: dict[str, list[float]] = {c: [] for c in args.copy}
+                ratios: dict[str, list[float]] = {c: [] for c in args.copy}
+                peaks: dict[str, list[float]] = {c: [] for c in args.copy}
+                cps: list[float] = []
+                files = 0
                 for _ in range(args.rounds):
                     prepare(out, src, mode)
                     if mode == "durable":
                         cp = run_measured(["sh", "-c", CP_DURABLE, "sh", str(src), str(out)])
                     else:
                         cp = run_measured(["cp", "-r", str(src), str(out)])
-                    prepare(out, src, mode)
-                    argv = [fck, "convert", str(src), str(out), "--overwrite", "--quiet",
-                            "--threads", "2", "--max-shard-size", limit]  # fmt: skip
-                    if mode != "durable":
-                        argv.append("--no-fsync")
-                    s = run_measured(argv)
-                    if s.rc != 0:
-                        print(f"fastckpt failed: {s.err}", file=sys.stderr)
-                        return 1
-                    files = len(list(out.glob("*.safetensors")))
-                    walls.append(s.wall)
                     cps.append(cp.wall)
-                    ratios.append(s.wall / cp.wall)
-                    peaks.append(s.peak_mib)
+                    for copy in args.copy:
+                        prepare(out, src, mode)
+                        argv = [fck, "convert", str(src), str(out), "--overwrite", "--quiet",
+                                "--threads", "2", "--max-shard-size", limit]  # fmt: skip
+                        if mode != "durable":
+                            argv.append("--no-fsync")
+                        s = run_measured(argv, env={**os.environ, "FASTCKPT_COPY": copy})
+                        if s.rc != 0:
+                            print(f"fastckpt failed: {s.err}", file=sys.stderr)
+                            return 1
+                        files = len(list(out.glob("*.safetensors")))
+                        walls[copy].append(s.wall)
+                        ratios[copy].append(s.wall / cp.wall)
+                        peaks[copy].append(s.peak_mib)
                 shutil.rmtree(out, ignore_errors=True)
-                wall = statistics.median(walls)
-                print(
-                    f"| {layers} layers | {shape.nbytes():,} | {mode} | {limit} | {files} | "
-                    f"{statistics.median(cps) / gb:.3f} | {wall:.3f} | {wall / gb:.3f} | "
-                    f"{statistics.median(ratios):.2f}{TIMES} "
-                    f"({min(ratios):.2f}{DASH}{max(ratios):.2f}) | {max(peaks):.0f} |",
-                    flush=True,
-                )
+                for copy in args.copy:
+                    wall, r = statistics.median(walls[copy]), ratios[copy]
+                    print(
+                        f"| {layers} layers | {shape.nbytes():,} | {mode} | {limit} | {copy} | "
+                        f"{files} | {statistics.median(cps) / gb:.3f} | {wall:.3f} | "
+                        f"{wall / gb:.3f} | {statistics.median(r):.2f}{TIMES} "
+                        f"({min(r):.2f}{DASH}{max(r):.2f}) | {max(peaks[copy]):.0f} |",
+                        flush=True,
+                    )
     print("load after:", os.getloadavg()[0], "PSI some avg60:", pressure())
     return 0
 
