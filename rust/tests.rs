@@ -675,6 +675,8 @@ mod hostile {
             let mut cache = FileCache::default();
             let _ = prepare_source(&src, DType::BF16, &mut cache);
         }
+    }
+}
 
 // ---------------------------------------------------------------- range copies
 
