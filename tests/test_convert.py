@@ -101,6 +101,21 @@ def test_num_threads_and_fsync_do_not_change_bytes(cases: dict[str, Case], conve
         assert sha256(a / n) == sha256(b / n), n
 
 
+@pytest.mark.parametrize("path", ["copy_file_range", "pwrite"])
+def test_copy_paths_give_the_same_bytes(
+    cases: dict[str, Case], convert_to: Any, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Range copies splice through a pipe by default; ``FASTCKPT_COPY`` forces the fallbacks."""
+    src = cases["llama_odd_fp32_ws3"].dcp()
+    a = convert_to(src, fsync=False)
+    monkeypatch.setenv("FASTCKPT_COPY", path)
+    b = convert_to(src, fsync=False)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        assert sha256(a / n) == sha256(b / n), n
+
+
 def test_progress_callback(cases: dict[str, Case], tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     report = fastckpt.convert(

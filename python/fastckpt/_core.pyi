@@ -68,7 +68,9 @@ def write_shards(
     byte-identical to ``safetensors.torch.save_file``. When ``out_dtype`` differs from the
     source dtype the values are cast (round to nearest even; only between F64/F32/F16/BF16).
 
-    Data is copied straight from the memory-mapped sources in bounded buffers on ``num_threads``
+    Contiguous ranges are spliced from the sources through a pipe (``FASTCKPT_COPY`` =
+    ``copy_file_range`` or ``pwrite`` forces a fallback path); other data is gathered from the
+    memory-mapped sources in bounded buffers. Work runs on ``num_threads``
     threads (default ``FASTCKPT_NUM_THREADS`` or the CPU count). With ``fsync`` every file is
     flushed with early writeback and fsynced. ``progress(done_bytes, total_bytes)`` is called
     from the calling thread about every 100 ms and at the end; an exception it raises, or
