@@ -27,6 +27,10 @@ pub fn scan_pickle(data: &[u8], max_depth: u64) -> ScanResult {
     // memo index -> stack item (u64::MAX: unset); indices are at most n, so at most 8n bytes
     let mut memo: Vec<u64> = Vec::new();
     let mut memo_len = 0u64;
+    // end of the current FRAME: the C unpickler reading from a file skips ahead (parsing other
+    // bytes than this scan) when a frame starts inside another or an opcode crosses a frame's
+    // end, so both are refused (as Python's own `_Unframer` refuses them; real pickles obey)
+    let mut frame_end: Option<usize> = None;
     let mut i = 0usize;
     let bad = |what: &str, at: usize| Err(format!("{what} (byte {at})"));
     let fence = |marks: &Vec<usize>| marks.last().copied().unwrap_or(0);
@@ -93,6 +97,17 @@ pub fn scan_pickle(data: &[u8], max_depth: u64) -> ScanResult {
             _ => {}
         }
         let arg = &data[arg_start..i];
+        if let Some(end) = frame_end {
+            if at >= end {
+                frame_end = None;
+            } else if i > end || op == b'\x95' {
+                return bad("opcode or frame crossing the end of a frame", at);
+            }
+        }
+        if op == b'\x95' {
+            let len = usize::try_from(le(arg)).unwrap_or(usize::MAX);
+            frame_end = Some(need(i, len)?);
+        }
         // --- effect on the stack
         let depth_of = |items: &[u64]| 1 + items.iter().map(|d| d >> 1).max().unwrap_or(0);
         // depth of the k items on top (None: fewer above the mark), which are removed

@@ -268,6 +268,18 @@ def test_hf_index_naming_outside_file_refused(tmp_path: Path) -> None:
 # 3, 4. deep nesting and memory bombs, in a fresh process (a crash must not take pytest down)
 
 _SLICES = 2_000_000
+
+
+def _frame_skip_bomb(index: int) -> bytes:
+    """A memo bomb the C unpickler reaches only by framing: a FRAME inside a frame asks for more
+    bytes than the outer frame holds, so C reads on from the outer frame's end (where the bomb
+    is), while a linear read of the opcodes sees the bomb inside a string (found by fuzzing)."""
+    tail = b"N" + b"r" + index.to_bytes(4, "little") + b"." + b"\x00" * 16
+    inner = b"\x95" + (len(tail) + 2).to_bytes(8, "little")
+    inner += b"X" + (4 + len(tail)).to_bytes(4, "little") + b"aaaa"
+    return b"\x80\x04\x95" + len(inner).to_bytes(8, "little") + inner + tail + b"N."
+
+
 _BOMBS = {
     "long_binput_1e8": b"\x80\x02N" + b"r" + (10**8).to_bytes(4, "little") + b".",
     "long_binput_2e30": b"\x80\x02N" + b"r" + (2**30).to_bytes(4, "little") + b".",
@@ -278,6 +290,7 @@ _BOMBS = {
     "binbytes8": b"\x80\x04\x8e" + (1_500_000_000).to_bytes(8, "little") + b"abc.",
     "size_range": b"\x80\x02ctorch\nSize\ncbuiltins\nrange\nJ" + (10**8).to_bytes(4, "little")
     + b"\x85R\x85R.",
+    "frame_skip": _frame_skip_bomb(2**30),
 }  # fmt: skip
 
 
@@ -288,6 +301,21 @@ def test_nested_slices_and_tuples_do_not_crash(tmp_path: Path) -> None:
         path = _torch_zip(tmp_path / f"{name}.pt", data)
         res = _run_cli("inspect", str(path))
         _one_line_error(res, str(path), "nested deeper than")
+
+
+def test_frames_cannot_hide_opcodes_from_the_scan() -> None:
+    """What the C unpickler would run after a frame skip is what the scan never saw: refused."""
+    from fastckpt import FormatError
+    from fastckpt.torch_pickle import METADATA_GLOBALS, restricted_loads
+
+    with pytest.raises(FormatError, match=r"^meta: .*crossing the end of a frame"):
+        restricted_loads(_frame_skip_bomb(2**30), allowed=METADATA_GLOBALS, source="meta")
+    # frames as pickle writes them (protocol 4 and 5, several frames) still load
+    value = {"k": list(range(20_000)), "s": "x" * 70_000}
+    for protocol in (4, 5):
+        data = pickle.dumps(value, protocol=protocol)
+        assert data.count(b"\x95") >= 2
+        assert restricted_loads(data, allowed=METADATA_GLOBALS, source="ok") == value
 
 
 def test_memory_bombs_stay_small(tmp_path: Path) -> None:
