@@ -23,17 +23,14 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _gloo import run_on_ranks
 
 SEED = 777
 VOCAB = 67  # odd: 34 + 33 rows on 2 ranks
@@ -98,16 +95,5 @@ def _worker(rank: int, port: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def main() -> int:
-    out = Path(sys.argv[1])
-    out.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, out), nprocs=2)
-    (out / "done.json").write_text(json.dumps({"torch": torch.__version__}))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_on_ranks(_worker))
