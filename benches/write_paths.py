@@ -49,7 +49,7 @@ Range = tuple[int, int, int, int]  # (source fd, source offset, destination offs
 
 def ranges(dcp: Path) -> tuple[list[tuple[str, int, int, int]], int]:
     """(path, source offset, offset in the data section, length) of every chunk, and the total."""
-    from fastckpt.detect import open_catalogue
+    from fastckpt.formats.registry import open_catalogue
 
     cat = open_catalogue(dcp, arch=None, hf_config=None)
     entries = sorted(cat.locate(cat.model_names()), key=lambda e: e.name.encode())

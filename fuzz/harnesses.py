@@ -45,7 +45,7 @@ def _write(rel: str, data: bytes, *, fixed: bool = False) -> Path:
 
 
 def _catalogue(path: Path) -> None:
-    from fastckpt.detect import open_catalogue
+    from fastckpt.formats.registry import open_catalogue
 
     cat = open_catalogue(path)
     cat.locate(list(cat.tensors)[:8])
@@ -53,8 +53,8 @@ def _catalogue(path: Path) -> None:
 
 def pickle_reader(data: bytes) -> None:
     """The three restricted unpicklers (DCP metadata, tensor data.pkl, state-dict stubs)."""
-    from fastckpt.optimizer import _plain
-    from fastckpt.torch_pickle import (
+    from fastckpt.transforms.optimizer import _plain
+    from fastckpt.unpickle import (
         METADATA_GLOBALS,
         TENSOR_GLOBALS,
         load_state_dict_pickle,
@@ -76,7 +76,7 @@ def pickle_reader(data: bytes) -> None:
 
 def zip_reader(data: bytes) -> None:
     """A torch.save archive (zip window, local headers, data.pkl), as a whole ``.pt`` file."""
-    from fastckpt.torch_pickle import TorchZip, open_fd
+    from fastckpt.unpickle import TorchZip, open_fd
 
     path = _write("item.pt", data)
     fd = open_fd(str(path))

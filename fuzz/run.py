@@ -18,8 +18,8 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 with atheris.instrument_imports(include=["fastckpt"]):
-    import fastckpt.detect
-    import fastckpt.optimizer  # noqa: F401
+    import fastckpt.formats.registry
+    import fastckpt.transforms.optimizer  # noqa: F401
 
 from harnesses import TARGETS, run_one
 

@@ -49,7 +49,7 @@ def _expected(root: Path, case: str) -> dict[str, object]:
 
 
 def _storage(src: Path) -> list[object]:
-    from fastckpt.distcp import load_metadata
+    from fastckpt.formats.dcp import load_metadata
 
     return list(load_metadata(src).storage_data.values())
 
@@ -143,7 +143,7 @@ def test_unknown_transform_refused(variants: Path, tmp_path: Path) -> None:
 
 def test_nocoll_layout(variants: Path) -> None:
     """No global .metadata; each rank lists its own chunks, replicated ones on both ranks."""
-    from fastckpt.distcp import _load_metadata_file
+    from fastckpt.formats.dcp import _load_metadata_file
 
     src = variants / "nocoll_ws2"
     names = sorted(os.listdir(src))

@@ -21,7 +21,7 @@ import pytest
 import torch
 from conftest import ulps
 from fastckpt import FormatError
-from fastckpt.zero import range_boxes
+from fastckpt.formats.deepspeed import range_boxes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 from conftest import Case
 from fastckpt.fsops import check_replaceable, reclaim_stale
-from fastckpt.manager import CheckpointManager
 from fastckpt.runs import listing, scan_run
+from fastckpt.runs.manager import CheckpointManager
 from safetensors.numpy import load_file, save_file
 
 CLI = "from fastckpt.cli import main; main()"
@@ -305,7 +305,7 @@ def _nemo_step(root: Path, step: int, reward: float) -> None:
 RETENTION = """
 import sys
 from pathlib import Path
-from fastckpt.manager import CheckpointManager
+from fastckpt.runs.manager import CheckpointManager
 root = Path(sys.argv[1])
 mgr = CheckpointManager(checkpoint_dir=root, metric_name="val:reward", keep_top_k=1)
 path = mgr.init_tmp_checkpoint(3, {"val:reward": 0.9})

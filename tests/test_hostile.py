@@ -306,7 +306,7 @@ def test_nested_slices_and_tuples_do_not_crash(tmp_path: Path) -> None:
 def test_frames_cannot_hide_opcodes_from_the_scan() -> None:
     """What the C unpickler would run after a frame skip is what the scan never saw: refused."""
     from fastckpt import FormatError
-    from fastckpt.torch_pickle import METADATA_GLOBALS, restricted_loads
+    from fastckpt.unpickle import METADATA_GLOBALS, restricted_loads
 
     with pytest.raises(FormatError, match=r"^meta: .*crossing the end of a frame"):
         restricted_loads(_frame_skip_bomb(2**30), allowed=METADATA_GLOBALS, source="meta")
@@ -323,7 +323,7 @@ def test_memory_bombs_stay_small(tmp_path: Path) -> None:
         f"""
         import resource
         from fastckpt import FormatError
-        from fastckpt.torch_pickle import load_state_dict_pickle
+        from fastckpt.unpickle import load_state_dict_pickle
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for name, data in {_BOMBS!r}.items():
             try:

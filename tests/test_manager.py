@@ -19,8 +19,8 @@ from pathlib import Path
 import fastckpt
 import numpy as np
 import pytest
-from fastckpt.manager import CheckpointManager
 from fastckpt.runs import scan_run
+from fastckpt.runs.manager import CheckpointManager
 
 TRAINER = textwrap.dedent(
     """
@@ -30,7 +30,7 @@ TRAINER = textwrap.dedent(
     import torch
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
-    import fastckpt.manager as m
+    import fastckpt.runs.manager as m
 
     root, plan = Path(sys.argv[1]), sys.argv[2]
     mgr = m.CheckpointManager({"checkpoint_dir": str(root), "metric_name": "val:reward",

@@ -111,7 +111,7 @@ def _globals(path: Path) -> set[tuple[str, str]]:
     """``(module, name)`` of every global a metadata pickle resolves (fastckpt's allow-list)."""
     import io
 
-    from fastckpt.torch_pickle import METADATA_GLOBALS, RestrictedUnpickler
+    from fastckpt.unpickle import METADATA_GLOBALS, RestrictedUnpickler
 
     seen: set[tuple[str, str]] = set()
 
@@ -131,7 +131,7 @@ def _props(md: Any) -> Any:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_format_facts_pinned(version: str) -> None:
     """What each committed version stands for (``shared/formats/dcp.md`` §8)."""
-    from fastckpt.distcp import load_metadata
+    from fastckpt.formats.dcp import load_metadata
 
     v = _vtuple(version)
     single = _root(version) / "single"

@@ -31,9 +31,9 @@ if TYPE_CHECKING:
     )
     from fastckpt.catalog import TensorInfo
     from fastckpt.checkpoint import Checkpoint, open
-    from fastckpt.hub import push_to_hub
-    from fastckpt.manager import CheckpointManager
+    from fastckpt.output.hub import push_to_hub
     from fastckpt.runs import Run, Step, scan_run
+    from fastckpt.runs.manager import CheckpointManager
 
 #: public name -> module that defines it (imported lazily)
 _LAZY = {
@@ -48,8 +48,8 @@ _LAZY = {
     "TensorInfo": "fastckpt.catalog",
     "Checkpoint": "fastckpt.checkpoint",
     "open": "fastckpt.checkpoint",
-    "push_to_hub": "fastckpt.hub",
-    "CheckpointManager": "fastckpt.manager",
+    "push_to_hub": "fastckpt.output.hub",
+    "CheckpointManager": "fastckpt.runs.manager",
     "Run": "fastckpt.runs",
     "Step": "fastckpt.runs",
     "scan_run": "fastckpt.runs",

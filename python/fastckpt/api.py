@@ -24,23 +24,15 @@ from fastckpt import _core
 from fastckpt._core import FastckptError, FormatError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo
 from fastckpt.checkpoint import info_of
-from fastckpt.detect import open_catalogue
+from fastckpt.formats.registry import open_catalogue
 from fastckpt.fsops import Owner, check_replaceable, move_into_place, reclaim_stale
-from fastckpt.heads import split_value_head
-from fastckpt.hf_files import (
-    TORCH_DTYPE_NAMES,
-    copy_side_files,
-    find_side_files,
-    fsync_dir,
-    index_bytes,
-    shard_names,
-    tie_word_embeddings,
-    write_file,
-)
-from fastckpt.lora import adapter_config_bytes, has_lora
-from fastckpt.lora import plan as plan_lora
-from fastckpt.optimizer import read_optimizer
+from fastckpt.output.folder import copy_side_files, fsync_dir, index_bytes, shard_names, write_file
 from fastckpt.runs import Run, is_run_dir, looks_like_step, resolve_source, scan_run
+from fastckpt.side_files import TORCH_DTYPE_NAMES, find_side_files, tie_word_embeddings
+from fastckpt.transforms.heads import split_value_head
+from fastckpt.transforms.lora import adapter_config_bytes, has_lora
+from fastckpt.transforms.lora import plan as plan_lora
+from fastckpt.transforms.optimizer import read_optimizer
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[int, int], object]

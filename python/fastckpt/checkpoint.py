@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from fastckpt import _core
 from fastckpt._core import FastckptError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorInfo, TensorMeta
-from fastckpt.detect import open_catalogue
+from fastckpt.formats.registry import open_catalogue
 
 if TYPE_CHECKING:
     import numpy as np

@@ -476,7 +476,7 @@ def _push(
     commit_message: str | None,
     quiet: bool,
 ) -> None:
-    from fastckpt.hub import push_to_hub
+    from fastckpt.output.hub import push_to_hub
 
     with _errors():
         report = push_to_hub(

@@ -12,7 +12,7 @@ Two layouts, one reader:
   prime-rl ``trainer.pt`` with ``{"model": .., "optimizers": .., "progress": ..}``): each tensor
   is one chunk, a strided view of its storage (tied weights and views share storages).
 
-``data.pkl`` is read by :class:`fastckpt.torch_pickle.StubbingUnpickler`: unknown classes become
+``data.pkl`` is read by :class:`fastckpt.unpickle.StubbingUnpickler`: unknown classes become
 inert stubs; nothing is executed. Format facts: ``shared/formats/torch-pickles.md`` §1-§5.
 """
 
@@ -31,8 +31,9 @@ from typing import Any
 from fastckpt import _core
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
-from fastckpt.distcp import normalise_name
-from fastckpt.torch_pickle import (
+from fastckpt.formats import Format
+from fastckpt.formats.dcp import normalise_name
+from fastckpt.unpickle import (
     TORCH_TO_ST,
     DeviceMesh,
     DTensorRef,
@@ -621,3 +622,14 @@ def read_torch_save(path: Path) -> Catalogue:
         parent.parent / "tokenizer",
     ]
     return _catalogue("torch_save", file, [_load_file(file, 0)], side_dirs, [])
+
+
+RANKS_FORMAT = Format(
+    "torch_ranks", sniff=is_rank_dir, open=read_rank_dir, what="model_world_size_W_rank_R.pt files"
+)
+FILE_FORMAT = Format(
+    "torch_save",
+    sniff=lambda p: is_torch_save_file(p) or single_torch_save_file(p) is not None,
+    open=read_torch_save,
+    what="single .pt/.bin file",
+)

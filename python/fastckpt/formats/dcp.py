@@ -15,8 +15,9 @@ from typing import Any
 
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
+from fastckpt.formats import Format
 from fastckpt.safeio import plain_name, short
-from fastckpt.torch_pickle import (
+from fastckpt.unpickle import (
     METADATA_GLOBALS,
     TORCH_TO_ST,
     BytesStorageMetadata,
@@ -450,3 +451,22 @@ class DcpReader:
             offsets=tuple(int(o) for o in chunk.offsets),
             sizes=sizes,
         )
+
+
+def _sniff(path: Path) -> bool:
+    if path.is_file():
+        return path.name == ".metadata"
+    return is_dcp_dir(path) or accelerate_model_dir(path) is not None
+
+
+def _open(path: Path) -> Catalogue:
+    accelerate = accelerate_model_dir(path)
+    if accelerate is not None:  # an accelerate save_state() folder
+        cat = read_dcp(accelerate)
+        cat.side_dirs += [path, path.parent]
+        cat.notes.append(f"accelerate save_state() folder: model from {accelerate.name}/")
+        return cat
+    return read_dcp(path.parent if path.is_file() else path)
+
+
+FORMAT = Format("dcp", sniff=_sniff, open=_open, what=".metadata/.distcp files")

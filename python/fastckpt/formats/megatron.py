@@ -36,10 +36,11 @@ from typing import Any
 
 from fastckpt._core import FormatError, MappingError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
-from fastckpt.distcp import load_metadata, read_dcp
-from fastckpt.hf_files import TORCH_DTYPE_NAMES, find_side_files
+from fastckpt.formats import Format
+from fastckpt.formats.dcp import load_metadata, read_dcp
 from fastckpt.safeio import item_path
-from fastckpt.torch_pickle import (
+from fastckpt.side_files import TORCH_DTYPE_NAMES, find_side_files
+from fastckpt.unpickle import (
     TORCH_TO_ST,
     MetadataIndex,
     Stub,
@@ -1285,3 +1286,15 @@ def read_megatron(
         side_dirs=side_dirs,
         notes=notes,
     )
+
+
+DIST_FORMAT = Format(
+    "megatron_dist",
+    sniff=is_dist_dir,
+    open=read_megatron,
+    what="Megatron metadata.json",
+    takes_arch=True,
+)
+LEGACY_FORMAT = Format(
+    "megatron", sniff=is_legacy_dir, open=read_megatron, what="mp_rank_* folders", takes_arch=True
+)

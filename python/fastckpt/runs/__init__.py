@@ -2,7 +2,7 @@
 
 RL users point at a run, not at a shard folder. This module recognises the layouts that RL and
 post-training frameworks write (``formats/torch-pickles.md`` §5) and resolves a run to the weights
-of one step; :mod:`fastckpt.detect` then decides how to read them.
+of one step; :mod:`fastckpt.formats.registry` then decides how to read them.
 
 - nemo-rl: ``step_N/`` (``tmp_step_N/`` while writing), roles ``policy/`` and ``value/``,
   weights in ``<role>/weights/`` (DCP v1) or ``<role>/weights/model/`` (v2) or ``iter_*``.
@@ -327,8 +327,8 @@ def _is_dcp(path: Path) -> bool:
 
 
 def weights_format(path: Path) -> str:
-    """Name the format of a weights path; :mod:`fastckpt.detect` decides where it can."""
-    from fastckpt.detect import detect
+    """Name the format of a weights path; :mod:`fastckpt.formats.registry` decides where it can."""
+    from fastckpt.formats.registry import detect
 
     try:
         fmt = detect(path)

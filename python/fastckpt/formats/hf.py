@@ -24,6 +24,7 @@ from typing import Any
 
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
+from fastckpt.formats import Format
 from fastckpt.safeio import item_path, open_regular, read_regular
 
 #: safetensors readers reject larger headers
@@ -264,3 +265,10 @@ class _HfReader:
             chunk = self._chunks.get(meta.name)
             out.append(TensorEntry(meta, (chunk,) if chunk is not None else ()))
         return out
+
+
+def _sniff(path: Path) -> bool:
+    return path.suffix == ".safetensors" if path.is_file() else is_hf_dir(path)
+
+
+FORMAT = Format("safetensors", sniff=_sniff, open=read_hf, what=".safetensors files")

@@ -48,8 +48,9 @@ from typing import Any
 
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
-from fastckpt.distcp import normalise_name
-from fastckpt.torch_pickle import (
+from fastckpt.formats import Format
+from fastckpt.formats.dcp import normalise_name
+from fastckpt.unpickle import (
     TORCH_TO_ST,
     Stub,
     TensorRef,
@@ -799,3 +800,18 @@ def read_zero_optimizer(directory: Path, layout: _Layout) -> ZeroOptimizer:
         meta = TensorMeta(name, name, _st_dtype(directory, name, dtype), shape, len(cs), False)
         entries.append(TensorEntry(meta, cs))
     return ZeroOptimizer(entries, param_groups, notes)
+
+
+def _sniff(path: Path) -> bool:
+    if path.is_file():  # one file of a ZeRO tag folder: the whole folder is read
+        return is_zero_name(path.name) or bool(
+            MODEL_FILE.match(path.name) and is_zero_dir(path.parent)
+        )
+    return is_zero_dir(path)
+
+
+def _open(path: Path) -> Catalogue:
+    return read_zero_dir(path.parent if path.is_file() else path)
+
+
+FORMAT = Format("deepspeed", sniff=_sniff, open=_open, what="ZeRO *_optim_states.pt files")

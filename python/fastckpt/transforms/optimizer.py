@@ -41,9 +41,19 @@ from typing import Any
 from fastckpt import _core
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta, reading
-from fastckpt.distcp import DcpReader, normalise_name, read_dcp
+from fastckpt.formats.dcp import DcpReader, normalise_name, read_dcp
+from fastckpt.formats.deepspeed import ZeroReader, read_zero_optimizer
+from fastckpt.formats.torch_save import (
+    MAX_PICKLE_BYTES,
+    TorchSaveReader,
+    _assemble,
+    _coordinate,
+    _flat_param_message,
+    _rank_files,
+    _RankFile,
+)
 from fastckpt.safeio import item_path
-from fastckpt.torch_pickle import (
+from fastckpt.unpickle import (
     BytesStorageMetadata,
     DTensorRef,
     MetadataIndex,
@@ -53,16 +63,6 @@ from fastckpt.torch_pickle import (
     load_state_dict_pickle,
     open_fd,
 )
-from fastckpt.torch_save import (
-    MAX_PICKLE_BYTES,
-    TorchSaveReader,
-    _assemble,
-    _coordinate,
-    _flat_param_message,
-    _rank_files,
-    _RankFile,
-)
-from fastckpt.zero import ZeroReader, read_zero_optimizer
 
 #: veRL per-rank optimizer files
 OPTIM_FILE = re.compile(r"^optim_world_size_(\d+)_rank_(\d+)\.pt$")
