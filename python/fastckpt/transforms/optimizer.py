@@ -12,18 +12,17 @@ Sources:
 
 * DCP: ``<prefix>.state.<fqn>.<name>`` and ``<prefix>.param_groups.<i>.<key>`` (``optim.``,
   ``optim.optim.``, ``app.optimizers.``, ``fsdp_checkpoint.optimizers.`` ...), split with the
-  planner data so that dotted FQNs stay whole. Non-tensor values are small ``torch.save`` items,
-  read with the restricted unpickler.
+  planner data so that dotted FQNs stay whole (accelerate's separate ``optimizer_N/`` folder
+  too). Non-tensor values are small ``torch.save`` items, read with the restricted unpickler.
 * veRL per-rank files ``optim_world_size_{W}_rank_{R}.pt``: ``torch.optim`` state dicts keyed by
-  parameter index, whose values are FSDP2 DTensors. Index ``i`` is the ``i``-th parameter of the
-  model file (``named_parameters()`` order; *inferred*, checked: the counts must match and every
-  state tensor must have its parameter's shape). FSDP1 flat states fail those checks and are
-  refused.
-
+  parameter index (or by FQN), whose values are FSDP2 DTensors (or plain tensors). Index ``i`` is
+  the ``i``-th parameter of the model file (``named_parameters()`` order; *inferred*, checked: the
+  counts must match and every state tensor must have its parameter's shape). FSDP1 flat states
+  fail those checks and are refused.
 * DeepSpeed ZeRO 1/2/3 tag folders: each rank's torch optimizer holds one flat parameter per group
   (the rank's fp32 partition), so ``exp_avg`` / ``exp_avg_sq`` have the partition's layout and are
-  placed exactly like the fp32 weights (``zero.py``); ``step`` (one per group) is given to every
-  parameter of the group. Frozen parameters have no state.
+  placed exactly like the fp32 weights (``formats/deepspeed/``, ``read_zero_optimizer``); ``step``
+  (one per group) is given to every parameter of the group. Frozen parameters have no state.
 
 Integer-keyed (unkeyed) states in DCP are refused: nothing maps an index to a name there.
 """
@@ -124,7 +123,7 @@ def _step(entries: list[TensorEntry]) -> int | float | None:
 
 
 def read_optimizer(cat: Catalogue) -> OptimizerState:
-    """The optimizer state of a catalogued checkpoint (DCP or veRL rank files)."""
+    """The optimizer state of a catalogued checkpoint (DCP, veRL rank files or DeepSpeed ZeRO)."""
     with reading(cat.path):
         return _read_optimizer(cat)
 
