@@ -290,7 +290,8 @@ def test_deepseek_v3_mla(mroot: Path, tmp_path: Path) -> None:
     """MLA down projections (column-split by the local spec) merge whole; the fp32 expert bias
     becomes ``e_score_correction_bias``; a derived DeepSeek-V3 config.json refuses args that HF
     cannot express and maps group-limited routing and YaRN."""
-    from fastckpt.formats.megatron import _dims, _read_legacy, derive_config
+    from fastckpt.formats.megatron.config import _dims, derive_config
+    from fastckpt.formats.megatron.legacy import _read_legacy
 
     src = mroot / "deepseek_v3_fp32_tp2ep2" / "legacy" / "iter_0000010"
     info = {t.name: t for t in fastckpt.inspect(src).tensors}
@@ -342,7 +343,7 @@ def test_deepseek_v3_mla(mroot: Path, tmp_path: Path) -> None:
 def test_legacy_grouped_mlp(mroot: Path) -> None:
     """Legacy GroupedMLP ``weight1`` / ``weight2`` become per-expert strided views; a buffer that is
     not contiguous, or whose shape disagrees with args, is refused."""
-    from fastckpt.formats.megatron import _grouped_mlp
+    from fastckpt.formats.megatron.legacy import _grouped_mlp
     from fastckpt.unpickle import StorageRef, TensorRef
 
     src = mroot / "qwen3_moe_fp32_tp2ep2_gg" / "legacy" / "iter_0000010"
