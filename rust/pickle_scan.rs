@@ -1,7 +1,7 @@
 //! A bounds check of a pickle, run before Python's C unpickler loads it.
 //!
 //! The core never *interprets* pickles (Python's restricted unpickler does, in
-//! `python/fastckpt/torch_pickle.py`), but the C unpickler trusts its input in ways that cost
+//! `python/fastckpt/unpickle/`), but the C unpickler trusts its input in ways that cost
 //! memory or the C stack: `LONG_BINPUT` with a huge index resizes the memo to that index, a
 //! length-prefixed string is allocated before it is read, and hashing a tuple nested a million
 //! deep (one byte per level) recurses in C until the process dies. One pass over the opcodes,

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, reading
-from fastckpt.formats import Format, dcp, deepspeed, hf, megatron, torch_save
+from fastckpt.formats import Format, dcp, deepspeed, hf, megatron, torch_file, torch_ranks
 
 #: every format fastckpt reads, most specific first
 FORMATS: tuple[Format, ...] = (
@@ -21,8 +21,8 @@ FORMATS: tuple[Format, ...] = (
     dcp.FORMAT,
     hf.FORMAT,
     deepspeed.FORMAT,
-    torch_save.RANKS_FORMAT,
-    torch_save.FILE_FORMAT,
+    torch_ranks.RANKS_FORMAT,
+    torch_file.FILE_FORMAT,
 )
 
 

@@ -42,15 +42,14 @@ from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, TensorEntry, TensorMeta, reading
 from fastckpt.formats.dcp import DcpReader, normalise_name, read_dcp
 from fastckpt.formats.deepspeed import ZeroReader, read_zero_optimizer
-from fastckpt.formats.torch_save import (
+from fastckpt.formats.torch_assemble import TorchSaveReader, _assemble
+from fastckpt.formats.torch_load import (
     MAX_PICKLE_BYTES,
-    TorchSaveReader,
-    _assemble,
     _coordinate,
     _flat_param_message,
-    _rank_files,
     _RankFile,
 )
+from fastckpt.formats.torch_ranks import _rank_files
 from fastckpt.safeio import item_path
 from fastckpt.unpickle import (
     BytesStorageMetadata,
