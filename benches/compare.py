@@ -195,6 +195,10 @@ def build_commands(
                 argv.append("--no-fsync")
             add(name, argv)
     sync = ["--fsync"] if durable else []
+    if fck is not None and ds.hf_twin is not None:  # the same input as consolidate
+        argv = [fck, "convert", str(ds.hf_twin), out("fastckpt-hf"), "--overwrite", "--quiet"]
+        argv += ["--threads", "2", "--max-shard-size", SHARD]
+        add("fastckpt-hf", argv + ([] if durable else ["--no-fsync"]), [ds.hf_twin])
     if ds.hf_twin is not None:
         mapping = str(ds.root / "hf_mapping.json")
         argv = [PY, PEERS, "consolidate", str(ds.hf_twin), out("consolidate"), mapping]
@@ -204,6 +208,9 @@ def build_commands(
         [PY, PEERS, "ram", dcp, out("dcp-ram-save"), "--max-shard-size", SHARD, *sync],
     )
     add("nemo-rl", [PY, PEERS, "nemo", dcp, out("nemo-rl"), "--max-shard-size", SHARD, *sync])
+    accelerate = Path(PY).parent / "accelerate"
+    if accelerate.exists():  # one model.safetensors, never fsynced (no option for it)
+        add("accelerate", [str(accelerate), "merge-weights", dcp, out("accelerate")])
     return cmds
 
 
@@ -212,9 +219,11 @@ LABELS = {
     "cat": "`cat > /dev/null` (read floor)",
     "fastckpt-2t": "fastckpt convert, 2 threads",
     "fastckpt-1t": "fastckpt convert, 1 thread",
-    "consolidate": "torch `consolidate_safetensors_files`, 2 threads",
+    "fastckpt-hf": "fastckpt convert of the HF-storage twin, 2 threads",
+    "consolidate": "torch `consolidate_safetensors_files` of the twin, 2 threads",
     "dcp-ram-save": "DCP loaded in RAM + `save_file`",
     "nemo-rl": "NeMo-RL path: `dcp_to_torch_save` → `torch.load` → `save_file`",
+    "accelerate": "`accelerate merge-weights` (DCP in RAM, one file)",
 }
 
 
@@ -367,7 +376,14 @@ def verify(ds: DataSet, runs: Path, fck: str) -> dict[str, object]:
     except (json.JSONDecodeError, IndexError):
         result["reference"] = {"ok": False, "stderr": c.stderr[-1000:]}
     ref_ok = bool(result["reference"].get("ok"))  # type: ignore[union-attr]
-    result["ok"] = v.returncode == 0 and c.returncode == 0 and ref_ok
+    twin_ok = True
+    if ds.hf_twin is not None:  # the twin's pieces, put together, equal the DCP tensor for tensor
+        shutil.rmtree(out, ignore_errors=True)
+        t = subprocess.run([*conv[:2], str(ds.hf_twin), *conv[3:]], capture_output=True, text=True)
+        tv = subprocess.run([fck, "verify", str(ds.dcp), str(out)], capture_output=True, text=True)
+        twin_ok = t.returncode == 0 and tv.returncode == 0
+        result["twin_verify_out"] = (t.stderr + tv.stdout + tv.stderr).strip()[-500:]
+    result["ok"] = v.returncode == 0 and c.returncode == 0 and ref_ok and twin_ok
     for p in (out, ref):
         shutil.rmtree(p, ignore_errors=True)
     return result
@@ -530,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         v = report["verify"]
         assert isinstance(v, dict)
         print(f"verify (untimed): ok={v.get('ok')}; {json.dumps(v.get('reference'))}")
+        if not v.get("ok") and v.get("twin_verify_out"):
+            print(f"  HF-storage twin: {v['twin_verify_out']}")
         if v.get("fastckpt_verify_rc"):
             print(f"  fastckpt verify: rc={v['fastckpt_verify_rc']} {v['fastckpt_verify_out']}")
     for r in results:
