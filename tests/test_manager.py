@@ -216,6 +216,19 @@ def test_keep_top_k_lower_is_better_and_ties(tmp_path: Path) -> None:
     assert mgr.get_best_checkpoint_path() == str(tmp_path / "step_3")  # tie: higher step
 
 
+def test_a_loss_metric_ranks_ascending_unless_told(tmp_path: Path) -> None:
+    mgr = CheckpointManager(checkpoint_dir=tmp_path / "a", metric_name="val_loss", keep_top_k=1)
+    for step, loss in [(1, 0.1), (2, 0.5), (3, 0.9)]:
+        make(mgr, step, {"val_loss": loss})
+    assert names(tmp_path / "a") == ["step_1", "step_3"]  # best (lowest) and latest
+    told = CheckpointManager(
+        checkpoint_dir=tmp_path / "b", metric_name="val_loss", higher_is_better=True, keep_top_k=1
+    )
+    for step, loss in [(1, 0.1), (2, 0.5), (3, 0.4)]:
+        make(told, step, {"val_loss": loss})
+    assert names(tmp_path / "b") == ["step_2", "step_3"]
+
+
 def test_keep_top_k_without_metric_is_recency_and_missing_metric_kept(tmp_path: Path) -> None:
     mgr = CheckpointManager(checkpoint_dir=tmp_path, keep_top_k=2)
     for step in range(1, 5):

@@ -98,6 +98,34 @@ def test_lower_is_better_and_other_metric(runs_root: Path) -> None:
         r.best("val:nothing")
 
 
+def test_a_loss_ranks_ascending_by_default(runs_root: Path, tmp_path: Path) -> None:
+    """Without a direction, lower is better for a loss/perplexity/error metric only."""
+    from fastckpt.runs.model import higher_is_better_for
+
+    r = scan_run(runs_root / "nemo")
+    assert r.best("train:loss")[0].step == 40  # the lowest loss
+    assert r.best("train:loss", higher_is_better=True)[0].step == 10  # overridable
+    assert r.best("val:reward")[0].step == 20  # anything else: higher is better
+    lower = ["eval_loss", "train/loss_mean", "val:perplexity", "val_ppl", "eval/wer", "nll_loss"]
+    higher = ["val:reward", "eval_accuracy", "lower_bound", "answer_rate", "val/score"]
+    assert [n for n in lower if higher_is_better_for(n)] == []
+    assert [n for n in higher if not higher_is_better_for(n)] == []
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(runs_root / "nemo"), str(tmp_path / "o"), "--step", "best",
+         "--metric", "train:loss"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "step 40 (best by train:loss = 0.025, lower is better)" in res.output
+    assert fastckpt.verify(ref(runs_root, "nemo", 40), tmp_path / "o").ok
+    res = CliRunner().invoke(app, ["ls", str(runs_root / "nemo"), "--metric", "train:loss"])
+    assert "best by train:loss (lower is better): 40" in res.output
+    res = CliRunner().invoke(
+        app, ["ls", str(runs_root / "nemo"), "--metric", "train:loss", "--higher-is-better"]
+    )
+    assert "best by train:loss (higher is better): 10" in res.output
+
+
 def test_ties_go_to_the_higher_step(runs: Path) -> None:
     info = runs / "nemo" / "step_30" / "training_info.json"
     doc = json.loads(info.read_text())

@@ -57,6 +57,9 @@ def test_best_by_a_named_metric_agrees_with_the_trainer(trainer_run: Path) -> No
     """eval_loss, lower is better (what the Trainer used): the same step it recorded."""
     doc = listing(trainer_run, metric="eval_loss", higher_is_better=False)
     assert doc["best"] == _state(trainer_run)["best_global_step"]
+    doc = listing(trainer_run, metric="eval_loss")  # a loss: lower is better by default
+    assert doc["best"] == _state(trainer_run)["best_global_step"]
+    assert doc["higher_is_better"] is False
 
 
 def test_a_checkpoint_without_trainer_state_is_incomplete(

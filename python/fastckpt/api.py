@@ -93,7 +93,7 @@ def convert(
     step: str | int | None = None,
     role: str | None = None,
     metric: str | None = None,
-    higher_is_better: bool = True,
+    higher_is_better: bool | None = None,
     drop_value_head: bool = False,
     arch: str | None = None,
     lora: str | None = None,
@@ -121,7 +121,8 @@ def convert(
         step: when ``src`` is a training run: ``"latest"`` (default), ``"best"`` or a number.
         role: when ``src`` is a training run: ``"actor"``/``"policy"`` (default) or ``"critic"``.
         metric: the ``training_info.json`` metric ranking ``step="best"``.
-        higher_is_better: ``False`` when a lower ``metric`` is better (a loss).
+        higher_is_better: whether a higher ``metric`` is better; default: lower is better for a
+            loss, perplexity or error metric (``eval_loss``, ``val/ppl``, ...), higher otherwise.
         drop_value_head: leave out a critic's or reward model's value head (``score.*``,
             ``v_head.*``) to export the policy; kept by default, with a warning naming the
             config the output needs.
@@ -268,7 +269,7 @@ def inspect(
     step: str | int | None = None,
     role: str | None = None,
     metric: str | None = None,
-    higher_is_better: bool = True,
+    higher_is_better: bool | None = None,
 ) -> CheckpointInfo:
     """Describe a checkpoint: format, model tensors (dtype, shape, chunks), what is skipped.
 

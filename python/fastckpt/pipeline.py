@@ -129,7 +129,7 @@ class Options:
     step: str | int | None = None
     role: str | None = None
     metric: str | None = None
-    higher_is_better: bool = True
+    higher_is_better: bool | None = None
     drop_value_head: bool = False
     arch: str | None = None
     lora: str | None = None

@@ -15,6 +15,7 @@ from fastckpt.cli.options import (
     Command,
     CommitMsgOpt,
     ConfigFromOpt,
+    DirectionOpt,
     DropHeadOpt,
     DstArg,
     DtypeOpt,
@@ -24,7 +25,6 @@ from fastckpt.cli.options import (
     JsonOpt,
     LoraAlphaOpt,
     LoraOpt,
-    LowerOpt,
     MetricOpt,
     OptimizerOpt,
     OverwriteOpt,
@@ -91,7 +91,7 @@ def convert(
     step: StepsOpt = None,
     role: RoleOpt = None,
     metric: MetricOpt = None,
-    lower_is_better: LowerOpt = False,
+    higher_is_better: DirectionOpt = None,
     ray: RayOpt = None,
     drop_value_head: DropHeadOpt = False,
     arch: ArchOpt = None,
@@ -109,7 +109,7 @@ def convert(
     from fastckpt.api import convert_steps
 
     many = step is not None and (step.strip() == "all" or "," in step)
-    if many and (metric is not None or lower_is_better):
+    if many and (metric is not None or higher_is_better is not None):
         console.err(
             "--metric/--lower-is-better choose one step (--step best); not with several steps"
         )
@@ -147,7 +147,7 @@ def convert(
                     dst,
                     step=step,
                     metric=metric,
-                    higher_is_better=not lower_is_better,
+                    higher_is_better=higher_is_better,
                     **options,
                 )
             ]
@@ -169,14 +169,14 @@ def inspect(
     step: StepOpt = None,
     role: RoleOpt = None,
     metric: MetricOpt = None,
-    lower_is_better: LowerOpt = False,
+    higher_is_better: DirectionOpt = None,
 ) -> None:
     """Show the format and the tensors (dtype, shape, chunks) of a checkpoint or a run's step."""
     from fastckpt.api import inspect as do_inspect
 
     with console.errors():
         info = do_inspect(
-            src, step=step, role=role, metric=metric, higher_is_better=not lower_is_better
+            src, step=step, role=role, metric=metric, higher_is_better=higher_is_better
         )
     if json_out:
         doc = {
@@ -298,14 +298,14 @@ def ls_run(
     run: RunArg,
     role: RoleOpt = None,
     metric: MetricOpt = None,
-    lower_is_better: LowerOpt = False,
+    higher_is_better: DirectionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List the steps of a training run: format, size, completeness, metrics; best marked."""
     from fastckpt.runs import listing
 
     with console.errors():
-        doc = listing(run, role=role, metric=metric, higher_is_better=not lower_is_better)
+        doc = listing(run, role=role, metric=metric, higher_is_better=higher_is_better)
     if json_out:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -354,7 +354,7 @@ def prune(
         int, typer.Option(min=0, help="Complete steps to keep (plus the latest).")
     ],
     metric: PruneMetricOpt = None,
-    lower_is_better: LowerOpt = False,
+    higher_is_better: DirectionOpt = None,
     dry_run: Annotated[bool, typer.Option(help="Print what would be removed; remove nothing.")] = (
         False
     ),
@@ -365,7 +365,7 @@ def prune(
 
     with console.errors():
         remove, warns = plan_prune(
-            run, keep_top_k=keep_top_k, metric=metric, higher_is_better=not lower_is_better
+            run, keep_top_k=keep_top_k, metric=metric, higher_is_better=higher_is_better
         )
         for w in warns:
             console.warn(w)

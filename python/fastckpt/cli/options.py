@@ -68,8 +68,14 @@ PruneMetricOpt = Annotated[
     str | None,
     typer.Option(help="training_info.json metric ranking the steps (default: the run's only one)."),
 ]
-LowerOpt = Annotated[
-    bool, typer.Option("--lower-is-better", help="A lower metric is better (e.g. a loss).")
+DirectionOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--higher-is-better/--lower-is-better",
+        help="Which way the metric ranks; default: lower is better for a loss, perplexity or "
+        "error metric, higher otherwise.",
+        show_default=False,
+    ),
 ]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")]
 RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch to commit to.")]

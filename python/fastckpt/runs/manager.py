@@ -44,6 +44,7 @@ from typing import Any
 
 from fastckpt._core import FastckptError
 from fastckpt.fsops import clean_discarded, discard_tree
+from fastckpt.runs.model import higher_is_better_for
 
 PathLike = str | os.PathLike[str]
 
@@ -152,7 +153,7 @@ def plan_retention(
     keep_top_k: int,
     metric_name: str | None,
     *,
-    higher_is_better: bool = True,
+    higher_is_better: bool | None = None,
     keep_latest: bool = True,
 ) -> tuple[list[Entry], list[str]]:
     """Which finished checkpoints fall outside the top ``keep_top_k``.
@@ -175,7 +176,7 @@ def plan_retention(
         for e in entries:
             if e.metric(metric_name) is None:
                 notes.append(f"step {e.step} has no metric {metric_name!r}: kept ({e.path})")
-        sign = 1.0 if higher_is_better else -1.0
+        sign = 1.0 if higher_is_better_for(metric_name, higher_is_better) else -1.0
         ranked.sort(key=lambda e: (sign * (e.metric(metric_name) or 0.0), e.step), reverse=True)
     remove = [e for e in ranked[keep_top_k:] if not (keep_latest and e.step == latest)]
     remove.sort(key=lambda e: e.step)
@@ -190,7 +191,8 @@ class CheckpointManager:
             ``higher_is_better``, ``keep_top_k``); keywords override it.
         checkpoint_dir: the run directory.
         metric_name: ``training_info`` key to rank by (``None``: by recency).
-        higher_is_better: rank the metric descending.
+        higher_is_better: rank the metric descending (default: ascending for a loss,
+            perplexity or error metric, else descending).
         keep_top_k: checkpoints to keep (``None``: keep all).
     """
 
@@ -212,7 +214,7 @@ class CheckpointManager:
             metric_name if metric_name is not None else cfg.get("metric_name")
         )
         hib = higher_is_better if higher_is_better is not None else cfg.get("higher_is_better")
-        self.higher_is_better = True if hib is None else bool(hib)
+        self.higher_is_better: bool | None = None if hib is None else bool(hib)
         k = keep_top_k if keep_top_k is not None else cfg.get("keep_top_k")
         self.keep_top_k: int | None = None if k is None else int(k)
         self._recover()
@@ -321,8 +323,8 @@ class CheckpointManager:
                 f"metric {name!r} not found in any checkpoint; returning the latest", stacklevel=2
             )
             return self.get_latest_checkpoint_path()
-        sign = 1.0 if self.higher_is_better else -1.0
         assert name is not None
+        sign = 1.0 if higher_is_better_for(name, self.higher_is_better) else -1.0
         best = max(ranked, key=lambda e: (sign * (e.metric(name) or 0.0), e.step))
         return str(best.path)
 

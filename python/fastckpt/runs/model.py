@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,7 @@ class Run:
         )
 
     def best(
-        self, metric: str | None = None, *, higher_is_better: bool = True
+        self, metric: str | None = None, *, higher_is_better: bool | None = None
     ) -> tuple[Step, list[str]]:
         """The complete step with the best ``metric``; ties go to the higher step.
 
@@ -135,7 +136,7 @@ class Run:
         step: str | int | None = None,
         *,
         metric: str | None = None,
-        higher_is_better: bool = True,
+        higher_is_better: bool | None = None,
     ) -> tuple[Step, list[str]]:
         """``step``: ``"latest"`` (default), ``"best"`` or a step number."""
         if step is None or step == "latest":
@@ -149,10 +150,34 @@ class Run:
         return self.by_number(number), []
 
 
+#: name parts of metrics where lower is better (``eval_loss``, ``val/perplexity``, ``wer``, ...)
+_LOWER_IS_BETTER = frozenset(
+    {"loss", "perplexity", "ppl", "error", "err", "wer", "cer", "mse", "mae", "rmse"}
+)
+
+
+def higher_is_better_for(metric: str, higher_is_better: bool | None = None) -> bool:
+    """The direction to rank ``metric`` in: ``higher_is_better`` when given, else lower is better
+    for a loss, a perplexity or an error rate (by the name's parts), higher for anything else."""
+    if higher_is_better is not None:
+        return higher_is_better
+    parts = [p for p in re.split(r"[^a-z0-9]+", metric.lower()) if p]
+    return not any(p in _LOWER_IS_BETTER or p.endswith("loss") for p in parts)
+
+
+def direction(metric: str, higher_is_better: bool | None) -> str:
+    """``"higher is better"`` or ``"lower is better"``, for notes and listings."""
+    return (
+        "higher is better" if higher_is_better_for(metric, higher_is_better) else "lower is better"
+    )
+
+
 def rank_steps(
-    steps: Iterable[Step], metric: str, *, higher_is_better: bool = True
+    steps: Iterable[Step], metric: str, *, higher_is_better: bool | None = None
 ) -> tuple[list[Step], list[str]]:
-    """Steps holding ``metric``, best first (ties: higher step first), and warnings for the rest."""
+    """Steps holding ``metric``, best first (ties: higher step first), and warnings for the rest.
+
+    ``higher_is_better=None`` ranks by the metric's name (:func:`higher_is_better_for`)."""
     have: list[Step] = []
     warnings: list[str] = []
     for s in steps:
@@ -161,7 +186,7 @@ def rank_steps(
             warnings.append(f"step {s.step} has no metric {metric!r}; skipped ({s.path})")
         else:
             have.append(s)
-    sign = 1.0 if higher_is_better else -1.0
+    sign = 1.0 if higher_is_better_for(metric, higher_is_better) else -1.0
     have.sort(key=lambda s: (sign * s.metrics[metric], s.step), reverse=True)
     return have, warnings
 

@@ -11,7 +11,15 @@ from typing import Any
 
 from fastckpt._core import FastckptError
 from fastckpt.runs.discover import is_run_dir, scan_run
-from fastckpt.runs.model import PathLike, Resolved, Run, Step, rank_steps
+from fastckpt.runs.model import (
+    PathLike,
+    Resolved,
+    Run,
+    Step,
+    direction,
+    higher_is_better_for,
+    rank_steps,
+)
 
 
 def resolve_source(
@@ -20,7 +28,7 @@ def resolve_source(
     step: str | int | None = None,
     role: str | None = None,
     metric: str | None = None,
-    higher_is_better: bool = True,
+    higher_is_better: bool | None = None,
 ) -> Resolved:
     """Resolve ``src`` to a weights path when it is a run directory; else return it unchanged.
 
@@ -29,7 +37,8 @@ def resolve_source(
         step: ``"latest"`` (default), ``"best"`` or a step number.
         role: ``"actor"``/``"policy"`` (default) or ``"critic"``.
         metric: the metric for ``step="best"`` (default: the run's only validation metric).
-        higher_is_better: rank ``metric`` descending (``False``: ascending, e.g. a loss).
+        higher_is_better: rank ``metric`` descending (``False``: ascending); default: ascending
+            for a loss, perplexity or error metric, else descending.
     """
     p = Path(src)
     if not is_run_dir(p):
@@ -47,7 +56,7 @@ def resolve_source(
         how = "best as the trainer recorded it"
     elif step == "best":
         name = run.resolve_metric(metric)
-        how = f"best by {name} = {chosen.metrics[name]:g}"
+        how = f"best by {name} = {chosen.metrics[name]:g}, {direction(name, higher_is_better)}"
     note = f"{run.layout} run: step {chosen.step} ({how}), role {run.role}: {chosen.weights}"
     return Resolved(chosen.weights, chosen, run, [note], warnings)
 
@@ -68,7 +77,7 @@ def listing(
     *,
     role: str | None = None,
     metric: str | None = None,
-    higher_is_better: bool = True,
+    higher_is_better: bool | None = None,
 ) -> dict[str, Any]:
     """What ``fastckpt ls`` prints: every step with format, size, completeness, metrics, marks."""
     run = scan_run(path, role=role)
@@ -95,7 +104,7 @@ def listing(
         "layout": run.layout,
         "role": run.role,
         "metric": name,
-        "higher_is_better": higher_is_better,
+        "higher_is_better": higher_is_better_for(name, higher_is_better) if name else None,
         "latest": latest.step if latest else None,
         "best": best.step if best else None,
         "steps": [
@@ -122,7 +131,7 @@ def plan_prune(
     *,
     keep_top_k: int,
     metric: str | None = None,
-    higher_is_better: bool = True,
+    higher_is_better: bool | None = None,
     role: str | None = None,
 ) -> tuple[list[Step], list[str]]:
     """Complete steps outside the top ``keep_top_k`` by ``metric`` (by recency without one).
