@@ -4,13 +4,15 @@
 //! only bounds-checks its opcodes before Python loads it, [`pickle_scan`]). Python
 //! (package `fastckpt`) describes every tensor as boxes stored in files ([`plan::Chunk`]); the
 //! core validates them ([`mmap`]), plans output files and copy operations ([`plan`]), copies with
-//! fused casts ([`reshard`]) and writes the files in parallel ([`writer`], [`pool`]).
+//! fused casts ([`reshard`]) and writes the files in parallel ([`writer`], [`pool`]), moving
+//! contiguous ranges with the kernel (`splice`, `copy_file_range`, `pwrite`: `copy.rs`).
 //!
 //! The Python extension module `fastckpt._core` (`py.rs`) is compiled only with the `python`
 //! feature, so `cargo test` and the benches never link Python.
 
 #![warn(missing_docs)]
 
+mod copy;
 pub mod dtype;
 pub mod error;
 pub mod mmap;

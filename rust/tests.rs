@@ -685,8 +685,8 @@ mod hostile {
 /// that ends early is a format error, not a short file.
 #[test]
 fn range_copy_modes_agree() {
+    use crate::copy::{copy_range, VIA_CFR, VIA_PWRITE, VIA_SPLICE};
     use crate::mmap::SourceFile;
-    use crate::writer::{copy_range, VIA_CFR, VIA_PWRITE, VIA_SPLICE};
     use std::sync::atomic::AtomicU8;
     let dir = tempfile::tempdir().unwrap();
     let src_path = dir.path().join("src.bin");
