@@ -1,4 +1,4 @@
-//! The safetensors writer, and whole-tensor gather / digest.
+//! The safetensors writer.
 //!
 //! [`write_shards`] plans everything first (validation, headers, offsets), then:
 //! 1. creates each output as a hidden sibling temporary file, preallocates it (`fallocate`) to its
@@ -89,12 +89,14 @@ impl Buffers {
     }
 }
 
+/// An output file being written: its temporary name, its final name, the open file.
 struct OutFile {
     tmp: PathBuf,
     path: PathBuf,
     file: File,
 }
 
+/// One work item: a range copy or a window, of one tensor of one output file.
 enum Work {
     /// Copy `len` bytes from `src_off` of chunk `copy`'s file to `dst_off` of the output.
     Range {
@@ -115,6 +117,7 @@ enum Work {
     },
 }
 
+/// Refuses an output name that is not a plain file name.
 fn check_file_name(name: &str) -> Result<()> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
         return Err(Error::Plan(format!(
@@ -564,62 +567,4 @@ pub fn write_shards(
     progress: &Progress,
 ) -> Result<u64> {
     stage_shards(dir, shards, opts, progress)?.commit()
-}
-
-/// Copies tensor `src`, in C order and cast to `out_dtype`, into `out`, which must hold exactly
-/// `numel · out_dtype.size()` bytes. Runs on the pool.
-pub fn gather(
-    src: &Source,
-    out_dtype: DType,
-    out: &mut [u8],
-    num_threads: Option<usize>,
-) -> Result<()> {
-    let mut cache = FileCache::new();
-    let t = prepare_source(src, out_dtype, &mut cache)?;
-    if out.len() as u64 != t.out_bytes() {
-        return Err(Error::shape(
-            &t.name,
-            format!(
-                "output buffer has {} bytes but the tensor needs {} ({} elements of {})",
-                out.len(),
-                t.out_bytes(),
-                t.numel,
-                out_dtype
-            ),
-        ));
-    }
-    if out.is_empty() {
-        return Ok(());
-    }
-    let pool = pool(num_threads)?;
-    let osz = out_dtype.size();
-    // Every window is written straight into `out`, so no buffer is needed: use big windows.
-    let per = (MAX_WINDOW / osz).max(1);
-    pool.install(|| {
-        out.par_chunks_mut(per * osz)
-            .enumerate()
-            .try_for_each(|(i, w)| fill_window(&t, (i * per) as u64, w))
-    })
-}
-
-/// XXH3-128 of tensor `src`'s bytes in C order (its own dtype), streamed through windows.
-pub fn digest(src: &Source) -> Result<u128> {
-    let mut cache = FileCache::new();
-    let t = prepare_source(src, src.dtype, &mut cache)?;
-    let sz = t.out_dtype.size();
-    let per = (MAX_WINDOW / sz).max(1) as u64;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = Vec::new();
-    let mut e0 = 0;
-    while e0 < t.numel {
-        let e1 = (e0 + per).min(t.numel);
-        let n = ((e1 - e0) as usize) * sz;
-        if buf.len() < n {
-            buf.resize(n, 0);
-        }
-        fill_window(&t, e0, &mut buf[..n])?;
-        h.update(&buf[..n]);
-        e0 = e1;
-    }
-    Ok(h.digest128())
 }
