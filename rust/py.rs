@@ -230,7 +230,7 @@ fn gather(
             // thread races as it would with any GIL-free numpy operation.
             unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) }
         };
-        writer::gather(&src, out_dtype, out, None)
+        crate::gather::gather(&src, out_dtype, out, None)
     });
     buf.release(py);
     r.map_err(to_pyerr)
@@ -240,7 +240,9 @@ fn gather(
 #[pyfunction]
 fn digest<'py>(py: Python<'py>, source: PySource) -> PyResult<Bound<'py, PyBytes>> {
     let src = source.into_source().map_err(to_pyerr)?;
-    let d = py.detach(|| writer::digest(&src)).map_err(to_pyerr)?;
+    let d = py
+        .detach(|| crate::gather::digest(&src))
+        .map_err(to_pyerr)?;
     Ok(PyBytes::new(py, &d.to_be_bytes()))
 }
 

@@ -4,11 +4,12 @@
 
 use crate::dtype::{cast_fn, f32_to_bf16_bits, DType};
 use crate::error::Error;
+use crate::gather::{digest, gather};
 use crate::mmap::FileCache;
 use crate::plan::{layout_file, plan_shards, prepare_source, Chunk, Source, TensorMeta};
 use crate::pool::Progress;
 use crate::reshard::fill_window;
-use crate::writer::{digest, gather, write_shards, ShardSpec, WriteOptions};
+use crate::writer::{write_shards, ShardSpec, WriteOptions};
 use proptest::prelude::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -685,8 +686,8 @@ mod hostile {
 /// that ends early is a format error, not a short file.
 #[test]
 fn range_copy_modes_agree() {
+    use crate::copy::{copy_range, VIA_CFR, VIA_PWRITE, VIA_SPLICE};
     use crate::mmap::SourceFile;
-    use crate::writer::{copy_range, VIA_CFR, VIA_PWRITE, VIA_SPLICE};
     use std::sync::atomic::AtomicU8;
     let dir = tempfile::tempdir().unwrap();
     let src_path = dir.path().join("src.bin");
