@@ -12,12 +12,13 @@ from typing import Any
 
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, reading
-from fastckpt.formats import Format, dcp, deepspeed, hf, megatron, torch_save
+from fastckpt.formats import Format, dcp, deepspeed, hf, megatron, torch_save, torchtitan
 
 #: every format fastckpt reads, most specific first
 FORMATS: tuple[Format, ...] = (
     megatron.DIST_FORMAT,
     megatron.LEGACY_FORMAT,
+    torchtitan.FORMAT,
     dcp.FORMAT,
     hf.FORMAT,
     deepspeed.FORMAT,
