@@ -7,6 +7,8 @@
 ``Llama3StateDictAdapter.to_hf`` of the full model state dict, the matching ``config.json`` and
 torchtitan's logits. ``fused`` is 0.3's default (a fused ``wqkv`` saved whole as ``wq``/``wk``/
 ``wv``), ``unfused`` has row-sharded ``wq``/``wk`` whose shard boundaries fall inside a head.
+``qwen3_moe`` and ``deepseek_v3`` hold torchtitan's real names for those families on small
+tensors (saved with ``dcp.save`` in torchtitan's layout) and their own adapters' ``to_hf``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,34 @@ def test_llama3_equals_torchtitan_to_hf(case: str, tmp_path: Path) -> None:
         assert_bit_equal(got[name], t, name)
     assert not any("torchtitan's" in w for w in report.warnings), report.warnings
     assert (out / "config.json").read_bytes() == (ref / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("case", "unmapped"), [("qwen3_moe", "moe.expert_bias_E"), ("deepseek_v3", None)]
+)
+def test_moe_families_equal_torchtitan_to_hf(
+    case: str, unmapped: str | None, tmp_path: Path
+) -> None:
+    """Experts stored stacked ([E, F, D]) come out one tensor per expert; deepseek's MTP layer
+    is numbered after the main layers. What the adapter drops (qwen3's load-balancing
+    ``expert_bias_E``, which Hugging Face's Qwen3-MoE has no place for) is kept, with a warning."""
+    src, ref = _step(case), DATA / case / "ref"
+    want = _load(ref / "hf_model.safetensors")
+    out = tmp_path / "out"
+    fastckpt.convert(src, out, config_from=ref, fsync=False)
+    got = load_output(out)
+    kept = sorted(set(got) - set(want))
+    assert sorted(set(got) & set(want)) == sorted(want)
+    for name, t in want.items():
+        assert_bit_equal(got[name], t, name)
+    assert all(unmapped and n.endswith(unmapped) for n in kept), kept
+    cat = open_catalogue(src, hf_config=json.loads((ref / "config.json").read_text()))
+    warnings = cat.reader.warnings  # type: ignore[attr-defined]
+    assert bool(warnings) == bool(kept) and all(kept[0] in w for w in warnings)
+    if case == "deepseek_v3":
+        assert any(".experts.0.gate_proj" in n for n in want)
+        layers = {int(n.split(".")[2]) for n in want if n.startswith("model.layers.")}
+        assert f"model.layers.{max(layers)}.eh_proj.weight" in want
 
 
 def test_unfused_q_k_come_from_several_chunks() -> None:

@@ -13,7 +13,9 @@ the gradients are drawn at random), then torchtitan's ``CheckpointManager.save()
 ``Llama3StateDictAdapter.to_hf`` applied to the full model state dict (``full_tensor()`` of each
 DTensor); ``config.json``, the matching ``LlamaConfig``; ``logits.safetensors``, torchtitan's
 model's logits for ``ids`` (to compare with transformers' ``LlamaForCausalLM`` on the output).
-``OUT/done.json`` is written last.
+``qwen3_moe/`` and ``deepseek_v3/`` hold the same pair for torchtitan's MoE families: their real
+names and their own ``to_hf`` (experts split, deepseek's MTP layer renumbered), on small
+tensors saved by ``dcp.save`` in torchtitan's layout. ``OUT/done.json`` is written last.
 
 Needs ``torchtitan==0.3.0`` (with ``spmd_types==0.2.3``, ``torch_checkpointing``, ``tyro``) and
 transformers. Usage (the committed files are in ``tests/data/torchtitan/``)::
@@ -40,6 +42,8 @@ DIM, HEADS, KV_HEADS, LAYERS, VOCAB, HIDDEN, THETA = 24, 3, 1, 2, 40, 40, 10000.
 #: ``wq``/``wk``/``wv``), and separate ``wq``/``wk``/``wv`` parameters (FSDP-sharded row chunks,
 #: as torchtitan before 0.3 saved them)
 CASES = {"fused": True, "unfused": False}
+#: MoE families, names real and tensors shrunk (:func:`_shrunk`)
+MOE_CASES = ("qwen3_moe", "deepseek_v3")
 
 
 def _config(fused: bool) -> Any:
@@ -161,15 +165,58 @@ def _save_case(rank: int, out: Path, fused: bool) -> None:
     dist.barrier()
 
 
+def _shrunk(flavor_cfg: Any, adapter: Any, model_type: str, out: Path) -> None:
+    """A MoE family's real names, with small tensors: torchtitan's model built on the meta
+    device gives the names and which dims are experts; each other dim is cut to 2 or 3 (the
+    adapter's ``to_hf`` reads names and the expert count, never the other sizes). The state dict
+    is saved in torchtitan's layout (top-level model keys beside ``train_state``) with
+    ``dcp.save``; ``ref/hf_model.safetensors`` is the family's own ``to_hf`` of it."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        model = flavor_cfg.build()
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for name, t in model.state_dict().items():
+        experts = "inner_experts" in name or name.endswith("expert_bias_E")
+        shape = [d if experts and i == 0 else min(d, 2 + i % 2) for i, d in enumerate(t.shape)]
+        sd[name] = torch.randn(shape, generator=g).to(t.dtype)
+    hf = adapter(flavor_cfg, None).to_hf(dict(sd))
+    dcp.save(
+        {**sd, "train_state": {"step": torch.tensor(1)}},
+        checkpoint_id=out / "run" / "checkpoint" / "step-1",
+        no_dist=True,
+    )
+    (out / "ref").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in hf.items()}, out / "ref" / "hf_model.safetensors")
+    (out / "ref" / "config.json").write_text(json.dumps({"model_type": model_type}) + "\n")
+
+
+def _moe_cases(target: Path) -> None:
+    """``qwen3_moe`` (torchtitan's ``debugmodel_moe``) and ``deepseek_v3`` (``debugmodel`` with
+    one multi-token-prediction layer), shrunk (see :func:`_shrunk`)."""
+    from torchtitan.models import deepseek_v3, qwen3
+    from torchtitan.models.deepseek_v3.state_dict_adapter import DeepSeekV3StateDictAdapter
+
+    _shrunk(qwen3.model_registry("debugmodel_moe").model, qwen3.Qwen3StateDictAdapter,
+            "qwen3_moe", target / "qwen3_moe")  # fmt: skip
+    dsv3 = deepseek_v3.deepseekv3_configs["debugmodel"](
+        attn_backend="flex", moe_comm_backend="standard", num_mtp_layers=1
+    )
+    _shrunk(dsv3, DeepSeekV3StateDictAdapter, "deepseek_v3", target / "deepseek_v3")
+
+
 def main() -> int:
     import sys
 
     target = Path(sys.argv[1])
-    for stale in (*CASES, "done.json"):
+    for stale in (*CASES, *MOE_CASES, "done.json"):
         if (target / stale).is_dir():
             shutil.rmtree(target / stale)
         elif (target / stale).exists():
             (target / stale).unlink()
+    _moe_cases(target)
     rc = run_on_ranks(_worker)
     import torchtitan
 
