@@ -149,7 +149,7 @@ def test_with_optimizer_reads_torchtitans_flattened_optimizer(tmp_path: Path) ->
         fsync=False,
     )  # fmt: skip
     optim = _load(out / "optimizer.safetensors")
-    assert optim["state.layers.0.attention.wq.weight.exp_avg"].shape == (24, 24)
+    assert optim["state.layers.0.attention.qkv_linear.wq.weight.exp_avg"].shape == (24, 24)
 
 
 def test_without_config_names_stay_torchtitans_with_a_warning(tmp_path: Path) -> None:
