@@ -127,8 +127,10 @@ def convert(
             ``v_head.*``) to export the policy; kept by default, with a warning naming the
             config the output needs.
         arch: Megatron checkpoints: the architecture whose names to write (``llama``,
-            ``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen2_moe``, ``qwen3_moe``); default:
-            from the config, else from the checkpoint's ``args``.
+            ``mistral``, ``qwen2``, ``qwen3``, ``mixtral``, ``qwen2_moe``, ``qwen3_moe``,
+            ``deepseek_v3``); default: from the config, else from the checkpoint's ``args``.
+            torchtitan checkpoints: the adapter family (``llama``, ``qwen3``, ``qwen3_moe``,
+            ``deepseek_v3``); default: the config's ``model_type``.
         lora: what to do with PEFT LoRA tensors (required when there are any): ``"merge"``
             (``W + alpha/r * B @ A`` in fp32, cast back to W's dtype), ``"adapter"``
             (``adapter_model.safetensors`` + ``adapter_config.json``) or ``"strip"`` (base

@@ -142,6 +142,8 @@ class Catalogue:
         skipped: non-tensor entries (BYTE_IO items, ...) by source key, never converted.
         side_dirs: directories where config and tokenizer files may be found, best first.
         notes: remarks found while reading (e.g. the wrapper that was stripped).
+        warnings: what the user should act on (e.g. names no mapping knows, kept as they are);
+            a conversion reports them.
         undecided: why no entry could be taken as a model weight (then none is: the caller
             picks them with include patterns, or refuses with this message).
         optimizer_dir: a separate checkpoint holding the optimizer state (accelerate's
@@ -155,6 +157,7 @@ class Catalogue:
     skipped: list[str] = field(default_factory=list)
     side_dirs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     undecided: str | None = None
     optimizer_dir: Path | None = None
 

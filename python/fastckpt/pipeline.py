@@ -246,8 +246,8 @@ def open_source(src: PathLike, dst: PathLike, opts: Options) -> Plan:
         target=target,
         shard_limit=shard_limit,
         cat=cat,
-        notes=resolved.notes,
-        warnings=list(resolved.warnings),
+        notes=[*resolved.notes, *cat.notes],
+        warnings=[*resolved.warnings, *cat.warnings],
         start=start,
     )
 
@@ -262,9 +262,11 @@ def select(plan: Plan) -> None:
         raise MappingError(f"{plan.src}: no model tensors selected (see `fastckpt inspect`)")
     if TITAN_EMBED in names and EMBED not in names:
         plan.warnings.append(
-            f"tensor names are torchtitan's ({TITAN_EMBED}, layers.N.attention.*): fastckpt does "
-            "not map them to Hugging Face names yet, so they are written as they are and "
-            "transformers cannot load the folder as a model"
+            f"tensor names are torchtitan's ({TITAN_EMBED}, layers.N.attention.*): fastckpt maps "
+            "them to Hugging Face names only with the model's config.json (--config-from DIR, "
+            "or a config.json beside the checkpoint; families llama, qwen3, qwen3_moe, "
+            "deepseek_v3), so they are written as they are and transformers cannot load the "
+            "folder as a model"
         )
     if opts.lora is None and has_lora(names):
         shown = next(n for n in names if ".lora_" in n or ".base_layer." in n)

@@ -108,9 +108,9 @@ DropHeadOpt = Annotated[
 ArchOpt = Annotated[
     str | None,
     typer.Option(
-        help="Megatron: architecture whose HF names to write (llama, mistral, qwen2, qwen3, "
-        "mixtral, qwen2_moe, qwen3_moe, deepseek_v3); default: from the config, else from "
-        "args."
+        help="Megatron and torchtitan: architecture whose HF names to write (llama, mistral, "
+        "qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, deepseek_v3); default: from the config, "
+        "else from args."
     ),
 ]
 LoraOpt = Annotated[

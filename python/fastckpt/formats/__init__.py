@@ -24,8 +24,8 @@ class Format:
 
     ``sniff(path)`` says, from names and at most a few small reads, whether this reader should
     take ``path`` (a file or a folder); ``open(path, **options)`` catalogues it. Formats that
-    rename tensors to Hugging Face names (Megatron) set ``takes_arch`` and receive ``arch`` and
-    ``hf_config``; the others are refused an ``--arch``.
+    rename tensors to Hugging Face names (Megatron, torchtitan) set ``takes_arch`` and receive
+    ``arch`` and ``hf_config``; the others are refused an ``--arch``.
     """
 
     name: str

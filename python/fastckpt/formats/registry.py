@@ -12,12 +12,22 @@ from typing import Any
 
 from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue, reading
-from fastckpt.formats import Format, dcp, deepspeed, hf, megatron, torch_file, torch_ranks
+from fastckpt.formats import (
+    Format,
+    dcp,
+    deepspeed,
+    hf,
+    megatron,
+    torch_file,
+    torch_ranks,
+    torchtitan,
+)
 
 #: every format fastckpt reads, most specific first
 FORMATS: tuple[Format, ...] = (
     megatron.DIST_FORMAT,
     megatron.LEGACY_FORMAT,
+    torchtitan.FORMAT,
     dcp.FORMAT,
     hf.FORMAT,
     deepspeed.FORMAT,
@@ -53,13 +63,14 @@ def open_catalogue(
     """Detect the format of ``path`` and catalogue its tensors.
 
     ``arch`` and ``hf_config`` (the config.json the output will carry) are used by formats that
-    rename tensors (Megatron); the others refuse an ``arch``.
+    rename tensors (Megatron, torchtitan); the others refuse an ``arch``.
     """
     p = Path(path)
     with reading(p):
         fmt = find_format(p)
         if arch is not None and not fmt.takes_arch:
             raise FormatError(
-                f"{p}: --arch applies to Megatron checkpoints only (this is {fmt.name})"
+                f"{p}: --arch applies to Megatron and torchtitan checkpoints only "
+                f"(this is {fmt.name})"
             )
         return fmt.read(p, arch=arch, hf_config=hf_config)

@@ -166,7 +166,15 @@ def _from_zero(cat: Catalogue) -> OptimizerState:
 
 
 def _split(path: tuple[Any, ...]) -> tuple[tuple[Any, ...], str, tuple[Any, ...]] | None:
-    """``(prefix, "state" | "param_groups", rest)`` of an optimizer planner path."""
+    """``(prefix, "state" | "param_groups", rest)`` of an optimizer planner path.
+
+    A flattened optimizer state dict (torchtitan's ``OptimizersContainer``, or
+    ``StateDictOptions(flatten_optimizer_state_dict=True)``) keeps ``state.<fqn>.<name>`` as one
+    key: ``("optimizer", "state.layers.0.w.exp_avg")`` reads as ``state``, ``(fqn, name)``."""
+    last = path[-1] if path else None
+    if isinstance(last, str) and last.startswith("state.") and last.count(".") >= 2:
+        fqn, name = last[len("state.") :].rsplit(".", 1)
+        return path[:-1], "state", (fqn, name)
     for i in range(len(path) - 2, 0, -1):
         if path[i] == "state" and len(path) == i + 3:
             return path[:i], "state", path[i + 1 :]
