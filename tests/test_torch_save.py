@@ -333,12 +333,14 @@ def test_flat_param_refused(ts_root: Path, tmp_path: Path) -> None:
     _refused(ts_root / "flat_param_ws2", tmp_path, "_flat_param", "LOCAL_STATE_DICT")
 
 
-def test_sharded_tensor_refused_naming_it_and_the_workaround(ts_root: Path, tmp_path: Path) -> None:
-    """FSDP1 SHARDED_STATE_DICT without a mesh used to fail with "no model state dict found"."""
-    message = _refused(
-        ts_root / "sharded_tensor_ws2", tmp_path, "is a ShardedTensor", "device_mesh"
-    )
-    assert "no model state dict found" not in message
+def test_sharded_tensor_rank_files_read(ts_root: Path, tmp_path: Path) -> None:
+    """FSDP1 SHARDED_STATE_DICT without a mesh (ShardedTensor values) first failed with "no
+    model state dict found", then was refused naming ShardedTensor; it is now read, bit for bit
+    (more cases: ``test_sharded_tensor.py``)."""
+    case = ts_root / "sharded_tensor_ws2"
+    out = tmp_path / "out"
+    fastckpt.convert(case, out)
+    _assert_bitexact(out, case, tied_ok=False)
 
 
 def test_plain_replicas_must_agree(ts_root: Path, tmp_path: Path) -> None:

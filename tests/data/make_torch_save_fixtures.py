@@ -10,8 +10,8 @@ Every file is written by torch itself on a CPU gloo group:
   ``huggingface/`` beside them;
 - DTensor geometry cases (uneven and empty tail shards, ``Shard(1)``, ``Shard(-1)``, nested shards
   on a 2-D mesh, ``Replicate``, plain and 0-d replicas) and refusal cases (``Partial``, FSDP1
-  ``LOCAL_STATE_DICT`` flat parameters, FSDP1 ``SHARDED_STATE_DICT`` without a mesh
-  (``ShardedTensor``), plain tensors that differ between ranks);
+  ``LOCAL_STATE_DICT`` flat parameters, plain tensors that differ between ranks), and FSDP1
+  ``SHARDED_STATE_DICT`` without a mesh (``ShardedTensor`` values, read);
 - whole-file state dicts: RLinf ``model_state_dict/full_weights.pt`` (``_orig_mod.``,
   ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` prefixes), ``pytorch_model.bin`` of a
   tied model under ``module.``, views of one storage, old prime-rl ``trainer.pt`` and
@@ -317,10 +317,10 @@ def write_geometry(root: Path, ws: int) -> None:
     dist.barrier()
 
 
-def write_fsdp1_refused(root: Path, ws: int) -> None:
-    """FSDP1 state dicts fastckpt refuses, saved as veRL rank files: ``LOCAL_STATE_DICT``
-    (``_flat_param`` ShardedTensors) and ``SHARDED_STATE_DICT`` without a device mesh
-    (``ShardedTensor`` values: veRL FSDP1's default, older trainers)."""
+def write_fsdp1_flat_and_sharded(root: Path, ws: int) -> None:
+    """FSDP1 state dicts saved as veRL rank files: ``LOCAL_STATE_DICT`` (``_flat_param``
+    ShardedTensors, refused) and ``SHARDED_STATE_DICT`` without a device mesh (``ShardedTensor``
+    values: veRL FSDP1's default, older trainers; read, with ``ref/`` from FULL_STATE_DICT)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import StateDictType
 
@@ -333,9 +333,15 @@ def write_fsdp1_refused(root: Path, ws: int) -> None:
         wrapped = FSDP(model, use_orig_params=orig_params, device_id=torch.device("cpu"))
         with FSDP.state_dict_type(wrapped, kind):
             state = wrapped.state_dict()
+        full = None
+        if kind == StateDictType.SHARDED_STATE_DICT:
+            with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT):
+                full = wrapped.state_dict()
         case_dir = root / f"{name}_ws{ws}"
         if rank == 0:
             case_dir.mkdir(parents=True, exist_ok=True)
+            if full is not None:
+                _write_ref(case_dir, full)
         dist.barrier()
         torch.save(state, _rank_path(case_dir, ws))
         dist.barrier()
@@ -436,7 +442,7 @@ def _cases(ws: int, root: Path) -> None:
         write_verl_case(root, "verl_critic_ws2", ws=2, fsdp=2, arch="llama", tied=False,
                         dtype="float32", critic=True)  # fmt: skip
         write_prime_ranks(root, 2)
-        write_fsdp1_refused(root, 2)
+        write_fsdp1_flat_and_sharded(root, 2)
     elif ws == 3:
         write_verl_case(root, "verl_fsdp2_llama_ws3", ws=3, fsdp=2, arch="llama", tied=False,
                         dtype="float32", logits=True)  # fmt: skip

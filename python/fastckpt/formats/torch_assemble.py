@@ -1,7 +1,9 @@
 """Parsed torch.save files -> a :class:`Catalogue`: DTensor placements to boxes, chunks, replicas.
 
 Each DTensor's box in the global tensor is computed from its placements and the rank's
-coordinate in the device mesh; the primary boxes of all ranks must cover the tensor. Plain
+coordinate in the device mesh; the primary boxes of all ranks must cover the tensor. An FSDP1
+``ShardedTensor`` carries its shards' boxes and the list of every rank's shards, which must tile
+the tensor and all be present (a missing rank file is named with the missing region). Plain
 tensors are replicas: rank 0's copy is kept and :class:`TorchSaveReader` checks the others equal
 when the tensor is read. In a full state dict (one file) each tensor is one chunk, a strided view
 of its storage (tied weights and views share storages).
@@ -24,6 +26,8 @@ from fastckpt.unpickle import (
     DTensorRef,
     DTensorSpec,
     Placement,
+    ShardBox,
+    ShardedTensorRef,
     TensorRef,
     torch_itemsize,
 )
@@ -193,6 +197,88 @@ def _place_dtensor(files: list[_RankFile], key: str, value0: DTensorRef, source:
     return _Placed(tuple(chunks))
 
 
+def _check_shard_boxes(
+    source: Path, key: str, shape: tuple[int, ...], boxes: list[ShardBox]
+) -> None:
+    """The boxes of a ShardedTensor's global metadata lie in its shape, do not overlap (pairwise,
+    up to 4096 boxes, as the planner) and hold as many elements as the tensor: they tile it."""
+    where = f"{source}: ShardedTensor {key!r}"
+    for b in boxes:
+        if len(b.offsets) != len(shape) or any(
+            o + s > n for o, s, n in zip(b.offsets, b.sizes, shape, strict=True)
+        ):
+            raise ShapeError(
+                f"{where}: shard at offsets {list(b.offsets)} (sizes {list(b.sizes)}) lies "
+                f"outside its global size {list(shape)}"
+            )
+    live = [b for b in boxes if _numel(b.sizes)]
+    for i, a in enumerate(live[:4096]):
+        for b in live[i + 1 : 4096]:
+            if all(
+                ao < bo + bs and bo < ao + as_
+                for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)
+            ):
+                raise ShapeError(
+                    f"{where}: shards at offsets {list(a.offsets)} (sizes {list(a.sizes)}) and "
+                    f"{list(b.offsets)} (sizes {list(b.sizes)}) overlap"
+                )
+    total = sum(_numel(b.sizes) for b in live)
+    if total != math.prod(shape):
+        raise ShapeError(
+            f"{where}: its shards hold {total} elements but its global size {list(shape)} has "
+            f"{math.prod(shape)} (the metadata's shard list is incomplete or inconsistent)"
+        )
+
+
+def _place_sharded(
+    files: list[_RankFile], key: str, value0: ShardedTensorRef, source: Path
+) -> _Placed:
+    """The local shards of every rank, each at its box; together they must tile the tensor, as
+    the global metadata (checked to agree on every rank) lists its shards."""
+    first = files[0]
+    boxes = {(b.offsets, b.sizes): b for b in value0.shards}
+    _check_shard_boxes(source, key, value0.shape, list(value0.shards))
+    chunks: dict[tuple[tuple[int, ...], tuple[int, ...]], Chunk] = {}
+    for f in files:
+        v = f.entries[key]
+        if not isinstance(v, ShardedTensorRef) or (v.shape, v.dtype) != (
+            value0.shape,
+            value0.dtype,
+        ):
+            raise FormatError(
+                f"{f.path}: tensor {key!r} differs from rank {first.rank}'s (type, global "
+                "shape or dtype)"
+            )
+        if {(b.offsets, b.sizes) for b in v.shards} != set(boxes):
+            raise FormatError(
+                f"{f.path}: ShardedTensor {key!r} lists other shards than rank {first.rank}'s "
+                "file (ranks disagree)"
+            )
+        for ref, box in v.local:
+            if (box.offsets, box.sizes) not in boxes:
+                raise FormatError(
+                    f"{f.path}: ShardedTensor {key!r} has a local shard at offsets "
+                    f"{list(box.offsets)} (sizes {list(box.sizes)}) that its metadata does not list"
+                )
+            if ref.shape != box.sizes or ref.dtype != value0.dtype:
+                raise ShapeError(
+                    f"{f.path}: ShardedTensor {key!r} local shard is {ref.dtype} {list(ref.shape)}"
+                    f", its metadata says {value0.dtype} {list(box.sizes)}"
+                )
+            if _numel(box.sizes):  # a replica of a box already placed (HSDP) is not read
+                chunks.setdefault((box.offsets, box.sizes), _chunk(f, ref, box.offsets, key))
+    for box in value0.shards:
+        if _numel(box.sizes) and (box.offsets, box.sizes) not in chunks:
+            held = f"rank {box.rank}'s" if box.rank is not None else "a rank's"
+            hint = " (point at the folder holding every rank file)" if len(files) == 1 else ""
+            raise ShapeError(
+                f"{source}: ShardedTensor {key!r} is missing its shard at offsets "
+                f"{list(box.offsets)} (sizes {list(box.sizes)}), {held} file, which is not "
+                f"here{hint}"
+            )
+    return _Placed(tuple(chunks.values()))
+
+
 def _place_plain(files: list[_RankFile], key: str, value0: Any) -> _Placed:
     """Rank 0's copy of a plain tensor, with the other ranks' copies as replicas to check."""
     first = files[0]
@@ -234,6 +320,8 @@ def _assemble(
             )
         if isinstance(value0, DTensorRef):
             placed_value = _place_dtensor(files, key, value0, source)
+        elif isinstance(value0, ShardedTensorRef):
+            placed_value = _place_sharded(files, key, value0, source)
         else:
             placed_value = _place_plain(files, key, value0)
         shape = value0.shape

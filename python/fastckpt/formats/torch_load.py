@@ -4,7 +4,8 @@ Shared by :mod:`fastckpt.formats.torch_file` (one full state dict) and
 :mod:`fastckpt.formats.torch_ranks` (veRL / prime-rl per-rank files), and by the optimizer
 transform. :func:`_load_file` opens the zip, unpickles ``data.pkl``, finds the model state dict
 (possibly under a ``"model"``-like key) and records, for every DTensor's device mesh, this rank's
-coordinate in it (the mesh tensor is a storage of the same archive).
+coordinate in it (the mesh tensor is a storage of the same archive). FSDP1 ``ShardedTensor``
+values carry their shards' boxes themselves (:class:`fastckpt.unpickle.ShardedTensorRef`).
 
 ``data.pkl`` is read by :class:`fastckpt.unpickle.StubbingUnpickler`: unknown classes become
 inert stubs; nothing is executed. Format facts: ``shared/formats/torch-pickles.md`` §1-§5.
@@ -25,6 +26,7 @@ from fastckpt.unpickle import (
     DTensorRef,
     FlatLayout,
     MeshLayout,
+    ShardedTensorRef,
     Stub,
     TensorRef,
     TorchZip,
@@ -53,7 +55,7 @@ class _RankFile:
 
     path: Path
     rank: int
-    entries: dict[str, Any]  # source key -> TensorRef | DTensorRef
+    entries: dict[str, Any]  # source key -> TensorRef | DTensorRef | ShardedTensorRef
     storages: dict[str, tuple[int, int]]  # storage key -> (data offset, data length)
     coords: dict[int, tuple[tuple[int, ...], tuple[int, ...]]]  # id(mesh) -> (shape, coord)
     skipped: list[str] = field(default_factory=list)
@@ -163,9 +165,11 @@ def _is_sharded_tensor(value: Any) -> bool:
 
 
 def _sharded_tensor_message(source: str, key: str) -> str:
+    """A ShardedTensor pickled in a form :mod:`fastckpt.unpickle.sharded` does not recognise
+    (classes under other module names: a torch older than 1.13?)."""
     return (
         f"{source}: entry {key!r} is a ShardedTensor (FSDP1 SHARDED_STATE_DICT without a device "
-        "mesh, veRL FSDP1's default), which fastckpt does not read yet; save with "
+        "mesh, veRL FSDP1's default) pickled in a form fastckpt does not recognise; save with "
         "FullyShardedDataParallel(..., device_mesh=init_device_mesh('cuda', (world_size,))) or "
         "FSDP2 (DTensor state dicts), or write the checkpoint with torch.distributed.checkpoint"
     )
@@ -175,7 +179,7 @@ def _model_dict(obj: Any, source: str) -> tuple[dict[Any, Any], str]:
     """The model state dict inside a loaded checkpoint, and the key it was found under."""
 
     def tensors_in(d: dict[Any, Any]) -> int:
-        return sum(isinstance(v, TensorRef | DTensorRef) for v in d.values())
+        return sum(isinstance(v, TensorRef | DTensorRef | ShardedTensorRef) for v in d.values())
 
     if isinstance(obj, dict):
         if tensors_in(obj):
@@ -228,6 +232,11 @@ def _load_file(path: Path, rank: int) -> _RankFile:
                     mesh = value.spec.__dict__.get("mesh")
                     if id(mesh) not in out.coords:
                         out.coords[id(mesh)] = _coordinate(archive, mesh, rank, key)
+                out.entries[key] = value
+            elif isinstance(value, ShardedTensorRef):
+                for local, _box in value.local:
+                    entry = archive.storage(local.storage)
+                    out.storages[local.storage.key] = (entry.data_offset, entry.size)
                 out.entries[key] = value
             elif _is_sharded_tensor(value):
                 raise FormatError(_sharded_tensor_message(str(path), key))

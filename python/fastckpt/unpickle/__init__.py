@@ -21,7 +21,9 @@ why:
   their arguments and return a :class:`TensorRef` (where the elements live, never the elements),
   and the storage classes named by persistent ids, which become :class:`StorageRef` objects.
 * :data:`STATE_DICT_GLOBALS` (:mod:`.stubs`): the tensor table plus DTensor rebuilding and a few
-  constructors (``set``, ``slice``, ``range``, ...). :class:`StubbingUnpickler` recognises the
+  constructors (``set``, ``slice``, ``range``, ...), and the FSDP1 ``ShardedTensor`` classes
+  (:data:`SHARDED_GLOBALS`, :mod:`.sharded`: records of each shard's offsets and sizes, rebuilt
+  into a :class:`ShardedTensorRef`). :class:`StubbingUnpickler` recognises the
   DTensor machinery by name and turns any other class into an inert :class:`Stub`, since real
   state dicts carry trainer classes fastckpt cannot know; globals of modules that can run code
   (``os``, ``subprocess``, ``builtins``, ...) or open files are refused outright.
@@ -63,6 +65,7 @@ from fastckpt.unpickle.restricted import (
     restricted_loads,
     scan_pickle,
 )
+from fastckpt.unpickle.sharded import SHARDED_GLOBALS, ShardBox, ShardedTensorRef
 from fastckpt.unpickle.stubs import (
     DTENSOR_MODULES,
     STATE_DICT_GLOBALS,
@@ -86,6 +89,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_DIMS",
     "METADATA_GLOBALS",
+    "SHARDED_GLOBALS",
     "STATE_DICT_GLOBALS",
     "STORAGE_DTYPES",
     "TENSOR_GLOBALS",
@@ -106,6 +110,8 @@ __all__ = [
     "PickledDict",
     "Placement",
     "RestrictedUnpickler",
+    "ShardBox",
+    "ShardedTensorRef",
     "StorageInfo",
     "StorageMeta",
     "StorageRef",

@@ -2,9 +2,11 @@
 
 A separate allow-list: the DCP tables of :mod:`fastckpt.unpickle.records` stay strict. Classes
 of the DTensor machinery are recognised by name under the torch packages that have held them
-across versions; any other class becomes an inert :class:`Stub` (never imported, never called),
-and the readers fail only when a value they need turns out to be a stub. Globals of modules that
-can run code (``os``, ``subprocess``, ``builtins``, ...) are refused outright.
+across versions; the FSDP1 ``ShardedTensor`` classes are allow-listed to the records of
+:mod:`fastckpt.unpickle.sharded`; any other class becomes an inert :class:`Stub` (never
+imported, never called), and the readers fail only when a value they need turns out to be a stub.
+Globals of modules that can run code (``os``, ``subprocess``, ``builtins``, ...) are refused
+outright.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from fastckpt._core import FormatError
 from fastckpt.safeio import short
 from fastckpt.unpickle.records import TENSOR_GLOBALS, TensorRef, _identity, _Record, _size
 from fastckpt.unpickle.restricted import _SIZED_BUILTINS, RestrictedUnpickler, _Sized
+from fastckpt.unpickle.sharded import (
+    SHARDED_GLOBALS,
+    ShardedTensorType,
+    nested_class,
+    sharded_tensor_ref,
+)
 
 #: module prefixes under which DTensor, its spec, placements and DeviceMesh have lived
 DTENSOR_MODULES = (
@@ -166,7 +174,10 @@ def _rebuild_wrapper_subclass(*args: Any) -> Any:  # never called: a marker
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    """DTensor: ``(_rebuild_wrapper_subclass, DTensor, args, state)``; other subclasses pass."""
+    """DTensor: ``(_rebuild_wrapper_subclass, DTensor, args, state)``; ShardedTensor likewise
+    (:func:`fastckpt.unpickle.sharded.sharded_tensor_ref`); other subclasses pass."""
+    if func is _rebuild_wrapper_subclass and new_type is ShardedTensorType:
+        return sharded_tensor_ref(args, state)
     if func is _rebuild_wrapper_subclass:
         fields: dict[str, Any] = {}
         if isinstance(state, tuple) and len(state) == 2:
@@ -207,6 +218,9 @@ class PickledDict(dict[Any, Any]):
 def _stub_getattr(obj: Any, name: Any) -> Any:
     """``getattr`` as pickles use it for nested classes (``ShardedTensor.ProcessGroupState``):
     allowed on stub classes only, giving another stub class; never a real attribute lookup."""
+    nested = nested_class(obj, name)
+    if nested is not None:
+        return nested
     if isinstance(obj, type) and issubclass(obj, Stub):
         return _make_stub(obj.qualname(), str(name))
     raise FormatError(f"refusing pickled getattr({type(obj).__name__}, {short(name)})")
@@ -224,6 +238,7 @@ def _state_dict_globals() -> dict[tuple[str, str], Any]:
     table[("torch", "device")] = _device
     table[("torch", "Size")] = _size
     table[("collections", "OrderedDict")] = PickledDict
+    table.update(SHARDED_GLOBALS)
     for name, fn in _SAFE_BUILTINS.items():
         table[("builtins", name)] = fn
         table[("__builtin__", name)] = fn
