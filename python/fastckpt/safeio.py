@@ -44,6 +44,14 @@ def short(value: object) -> str:
     return f"<{type(value).__name__}>"
 
 
+def listing(directory: Path) -> list[str]:
+    """The sorted names in ``directory``; empty when it cannot be listed (sniffing never fails)."""
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return []
+
+
 def plain_name(name: object, *, where: str) -> str:
     """``name`` when it is a plain file name (no separator, not ``.``/``..``, not absolute).
 

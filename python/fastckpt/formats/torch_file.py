@@ -14,7 +14,8 @@ from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue
 from fastckpt.formats import Format
 from fastckpt.formats.torch_assemble import _catalogue
-from fastckpt.formats.torch_load import _listing, _load_file
+from fastckpt.formats.torch_load import _load_file
+from fastckpt.safeio import listing
 
 #: suffixes of whole-file torch.save checkpoints
 TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -29,7 +30,7 @@ def single_torch_save_file(path: Path) -> Path | None:
     """The one torch.save file of a directory holding exactly one, else None."""
     if not path.is_dir():
         return None
-    found = [path / n for n in _listing(path) if is_torch_save_file(path / n)]
+    found = [path / n for n in listing(path) if is_torch_save_file(path / n)]
     return found[0] if len(found) == 1 else None
 
 

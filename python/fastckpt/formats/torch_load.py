@@ -42,13 +42,6 @@ MAX_PICKLE_BYTES = 1 << 30
 MAX_MESH_BYTES = 1 << 24
 
 
-def _listing(directory: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(directory))
-    except OSError:
-        return []
-
-
 @dataclass
 class _RankFile:
     """One parsed torch.save file: its model entries, and the rank it was written by."""
@@ -200,6 +193,21 @@ def _model_dict(obj: Any, source: str) -> tuple[dict[Any, Any], str]:
     raise FormatError(f"{source}: not a state dict (the pickle holds a {kind})")
 
 
+def record_tensor(
+    out: _RankFile, archive: TorchZip, rank: int, key: str, value: TensorRef | DTensorRef
+) -> None:
+    """Keep ``value`` as entry ``key`` of ``out``: where its storage lies in the archive and, for
+    a DTensor, this rank's coordinate in its device mesh."""
+    local = value.local if isinstance(value, DTensorRef) else value
+    entry = archive.storage(local.storage)
+    out.storages[local.storage.key] = (entry.data_offset, entry.size)
+    if isinstance(value, DTensorRef):
+        mesh = value.spec.__dict__.get("mesh")
+        if id(mesh) not in out.coords:
+            out.coords[id(mesh)] = _coordinate(archive, mesh, rank, key)
+    out.entries[key] = value
+
+
 def _load_file(path: Path, rank: int) -> _RankFile:
     try:
         fd = open_fd(str(path))
@@ -225,14 +233,7 @@ def _load_file(path: Path, rank: int) -> _RankFile:
             if "_flat_param" in key:
                 raise FormatError(_flat_param_message(str(path), key))
             if isinstance(value, TensorRef | DTensorRef):
-                local = value.local if isinstance(value, DTensorRef) else value
-                entry = archive.storage(local.storage)
-                out.storages[local.storage.key] = (entry.data_offset, entry.size)
-                if isinstance(value, DTensorRef):
-                    mesh = value.spec.__dict__.get("mesh")
-                    if id(mesh) not in out.coords:
-                        out.coords[id(mesh)] = _coordinate(archive, mesh, rank, key)
-                out.entries[key] = value
+                record_tensor(out, archive, rank, key, value)
             elif isinstance(value, ShardedTensorRef):
                 for local, _box in value.local:
                     entry = archive.storage(local.storage)

@@ -17,7 +17,8 @@ from fastckpt._core import FormatError
 from fastckpt.catalog import Catalogue
 from fastckpt.formats import Format
 from fastckpt.formats.torch_assemble import _catalogue
-from fastckpt.formats.torch_load import _listing, _load_file
+from fastckpt.formats.torch_load import _load_file
+from fastckpt.safeio import listing
 
 #: veRL per-rank model files
 RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
@@ -29,12 +30,12 @@ def is_rank_dir(path: Path) -> bool:
     """True if ``path`` holds per-rank model files (veRL or old prime-rl layout)."""
     if not path.is_dir():
         return False
-    names = _listing(path)
+    names = listing(path)
     return any(RANK_FILE.match(n) for n in names) or any(TRAINER_FILE.match(n) for n in names)
 
 
 def _rank_files(directory: Path) -> tuple[list[tuple[int, Path]], str]:
-    names = _listing(directory)
+    names = listing(directory)
     verl = [(m, n) for n in names if (m := RANK_FILE.match(n))]
     if verl:
         sizes: dict[int, list[str]] = {}

@@ -45,9 +45,9 @@ from fastckpt.formats.deepspeed import ZeroReader, read_zero_optimizer
 from fastckpt.formats.torch_assemble import TorchSaveReader, _assemble
 from fastckpt.formats.torch_load import (
     MAX_PICKLE_BYTES,
-    _coordinate,
     _flat_param_message,
     _RankFile,
+    record_tensor,
 )
 from fastckpt.formats.torch_ranks import _rank_files
 from fastckpt.safeio import item_path
@@ -408,14 +408,7 @@ def _from_rank_files(cat: Catalogue) -> OptimizerState:
                             f"{list(value.shape)}, but {fqn.name} is {list(fqn.shape)}: "
                             + _UNKEYED.format(example=f"state[{pid!r}]")
                         )
-                    local = value.local if isinstance(value, DTensorRef) else value
-                    entry = archive.storage(local.storage)
-                    out.storages[local.storage.key] = (entry.data_offset, entry.size)
-                    if isinstance(value, DTensorRef):
-                        mesh = value.spec.__dict__.get("mesh")
-                        if id(mesh) not in out.coords:
-                            out.coords[id(mesh)] = _coordinate(archive, mesh, rank, key)
-                    out.entries[key] = value
+                    record_tensor(out, archive, rank, key, value)
             files.append(out)
         finally:
             os.close(fd)

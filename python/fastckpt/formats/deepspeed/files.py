@@ -16,6 +16,7 @@ from typing import Any
 
 from fastckpt._core import FormatError
 from fastckpt.catalog import Chunk
+from fastckpt.safeio import listing
 from fastckpt.unpickle import (
     Stub,
     TensorRef,
@@ -37,13 +38,6 @@ EXPERT_FILE = re.compile(r"^(expp_rank_\d+_|layer_\d+_expert_\d+_).*\.pt$")
 MAX_PICKLE_BYTES = 1 << 30
 
 
-def _listing(directory: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(directory))
-    except OSError:
-        return []
-
-
 def is_zero_name(name: str) -> bool:
     """True for a file name DeepSpeed writes into a ZeRO tag folder."""
     return bool(OPTIM_FILE.match(name) or ZERO3_MODEL_FILE.match(name))
@@ -51,7 +45,7 @@ def is_zero_name(name: str) -> bool:
 
 def is_zero_dir(path: Path) -> bool:
     """True if ``path`` is a DeepSpeed ZeRO tag folder (has ZeRO optimizer or model files)."""
-    return path.is_dir() and any(is_zero_name(n) for n in _listing(path))
+    return path.is_dir() and any(is_zero_name(n) for n in listing(path))
 
 
 @dataclass

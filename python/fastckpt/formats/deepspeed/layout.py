@@ -14,11 +14,11 @@ from fastckpt.formats.deepspeed.files import (
     _get,
     _int,
     _kind,
-    _listing,
     _load,
     _Run,
     _shape,
 )
+from fastckpt.safeio import listing
 
 #: per parameter group, ``(name, shape)`` in flat order (``param_shapes`` of the model file)
 Shapes = list[list[tuple[str, tuple[int, ...]]]]
@@ -55,7 +55,7 @@ def _optim_files(directory: Path, names: list[str]) -> tuple[dict[int, Path], st
 
 
 def _read_layout(directory: Path) -> _Layout:
-    names = _listing(directory)
+    names = listing(directory)
     experts = [n for n in names if EXPERT_FILE.match(n)]
     if experts:
         raise FormatError(
