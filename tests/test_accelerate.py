@@ -1,7 +1,8 @@
-"""A folder written by accelerate's own ``save_state()`` (FSDP2, 2 gloo ranks, CPU).
+"""Folders written by accelerate's own ``save_state()`` (FSDP1 and FSDP2, ``SHARDED_STATE_DICT``,
+2 gloo ranks, CPU); every test runs for both.
 
-``tests/data/make_accelerate_fixtures.py`` writes it once per session with the full model and
-optimizer state next to it (``get_model_state_dict`` / ``get_optimizer_state_dict``,
+``tests/data/make_accelerate_fixtures.py`` writes them once per session with the full model and
+optimizer state next to each (``get_model_state_dict`` / ``get_optimizer_state_dict``,
 ``full_state_dict=True``).
 """
 
@@ -18,8 +19,14 @@ GENERATOR = Path(__file__).parent / "data" / "make_accelerate_fixtures.py"
 
 
 @pytest.fixture(scope="session")
-def acc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def acc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generated(tmp_path_factory, "accelerate", GENERATOR, keep_env="FASTCKPT_ACC_FIXTURES")
+
+
+@pytest.fixture(params=["fsdp1", "fsdp2"])
+def acc(acc_root: Path, request: pytest.FixtureRequest) -> Path:
+    """One version's case: ``state/`` (the save_state folder) and ``ref/`` (the full state)."""
+    return acc_root / str(request.param)
 
 
 def _load(path: Path) -> dict[str, object]:
