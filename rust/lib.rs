@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod copy;
+pub mod coverage;
 pub mod dtype;
 pub mod error;
 pub mod gather;

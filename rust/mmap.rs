@@ -20,9 +20,9 @@
 //!
 //! Input files are untrusted, so [`check_chunk`] validates a chunk with checked arithmetic before
 //! any byte is copied: the storage range lies in the file, the highest addressed element lies in
-//! the storage, strides are non-negative, the box lies in the global shape. [`check_coverage`]
-//! then checks that the chunks of a tensor tile it exactly (disjoint boxes whose element counts add
-//! up to the tensor's).
+//! the storage, strides are non-negative, the box lies in the global shape.
+//! [`crate::coverage::check_coverage`] then checks that the chunks of a tensor tile it exactly
+//! (disjoint boxes whose element counts add up to the tensor's), naming a missing region.
 
 use crate::error::{Error, Result};
 use memmap2::{Mmap, MmapOptions};
@@ -379,7 +379,7 @@ pub struct ChunkGeom<'a> {
     pub sizes: &'a [u64],
 }
 
-fn overflow(tensor: &str) -> Error {
+pub(crate) fn overflow(tensor: &str) -> Error {
     Error::shape(tensor, "chunk geometry overflows 64-bit arithmetic")
 }
 
@@ -481,50 +481,4 @@ pub fn check_chunk(
         }
     }
     Ok(n)
-}
-
-/// Checks that boxes (`offsets`, `sizes`) of `tensor` tile `shape`: the element counts add up
-/// to the tensor's and no two non-empty boxes overlap (pairwise for up to 4096 boxes).
-pub fn check_coverage(tensor: &str, shape: &[u64], boxes: &[(&[u64], &[u64])]) -> Result<()> {
-    let total = numel(tensor, shape)?;
-    let mut sum = 0u64;
-    for (_, s) in boxes {
-        sum = sum
-            .checked_add(numel(tensor, s)?)
-            .ok_or_else(|| overflow(tensor))?;
-    }
-    let nonempty: Vec<_> = boxes
-        .iter()
-        .filter(|(_, s)| s.iter().all(|&x| x > 0))
-        .collect();
-    if nonempty.len() <= 4096 {
-        for (i, a) in nonempty.iter().enumerate() {
-            for b in &nonempty[i + 1..] {
-                let overlap = (0..shape.len()).all(|k| {
-                    let (a0, a1) = (a.0[k], a.0[k] + a.1[k]);
-                    let (b0, b1) = (b.0[k], b.0[k] + b.1[k]);
-                    a0 < b1 && b0 < a1
-                });
-                if overlap {
-                    return Err(Error::shape(
-                        tensor,
-                        format!(
-                            "chunks at offsets {:?} (sizes {:?}) and {:?} (sizes {:?}) overlap",
-                            a.0, a.1, b.0, b.1
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-    if sum != total {
-        return Err(Error::shape(
-            tensor,
-            format!(
-                "chunks hold {sum} elements but the shape {shape:?} has {total} \
-                 (missing or overlapping chunks)"
-            ),
-        ));
-    }
-    Ok(())
 }

@@ -11,9 +11,10 @@
 //!   the source are contiguous across them, so `Shard(0)` becomes one run and `Shard(1)` one run
 //!   per row. Non-row-major sources (a transposed chunk) keep a strided inner dimension.
 
+use crate::coverage::check_coverage;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::mmap::{check_chunk, check_coverage, numel, ChunkGeom, FileCache, SourceFile};
+use crate::mmap::{check_chunk, numel, ChunkGeom, FileCache, SourceFile};
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -116,6 +116,19 @@ fn dtype_size(dtype: &str) -> PyResult<usize> {
     DType::parse(dtype).map(DType::size).map_err(to_pyerr)
 }
 
+/// The first region of `shape` no box covers, as (offsets, sizes); None when they tile it.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn first_gap(shape: Vec<u64>, boxes: Vec<(Vec<u64>, Vec<u64>)>) -> Option<(Vec<u64>, Vec<u64>)> {
+    let views: Vec<(&[u64], &[u64])> = boxes
+        .iter()
+        .filter(|(o, s)| o.len() == shape.len() && s.len() == shape.len())
+        .map(|(o, s)| (&o[..], &s[..]))
+        .collect();
+    let refs: Vec<_> = views.iter().collect();
+    crate::coverage::first_gap(&shape, &refs)
+}
+
 /// Split tensors (byte sizes, in key order) into shards, as huggingface_hub does.
 #[pyfunction]
 fn plan_shards(py: Python<'_>, sizes: Vec<u64>, max_shard_size: u64) -> Vec<Vec<usize>> {
@@ -258,6 +271,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dtype_size, m)?)?;
     m.add_function(wrap_pyfunction!(scan_pickle, m)?)?;
     m.add_function(wrap_pyfunction!(plan_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(first_gap, m)?)?;
     m.add_function(wrap_pyfunction!(write_shards, m)?)?;
     m.add_function(wrap_pyfunction!(gather, m)?)?;
     m.add_function(wrap_pyfunction!(digest, m)?)?;

@@ -27,7 +27,10 @@ DATA = Path(__file__).parent / "data"
 # case -> the class veRL's rank files hold, and what a lone rank file is refused with
 CASES = {
     "verl_fsdp1": ("ShardedTensor", ["offsets [34, 0] (sizes [33, 32])", "rank 1's"]),
-    "verl_fsdp1_mesh": ("DTensor", ["cover 1088 of 2144 elements", "a single rank's file"]),
+    "verl_fsdp1_mesh": (
+        "DTensor",
+        ["cover 1088 of 2144 elements", "offsets [34, 0] (sizes [33, 32])", "a single rank's file"],
+    ),
 }
 SIDE_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json"]
 
@@ -101,7 +104,7 @@ def test_missing_rank_file_refused(case: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_one_rank_file_names_tensor_and_region(case: str, tmp_path: Path) -> None:
     """A rank file on its own would be a cut model: refused, naming the tensor and what is
-    missing (the ShardedTensor's missing shard by offsets; the DTensor's coverage)."""
+    missing (the region, by offsets and sizes)."""
     with pytest.raises(ShapeError) as err:
         fastckpt.convert(_actor(case) / "model_world_size_2_rank_0.pt", tmp_path / "out")
     message = str(err.value)

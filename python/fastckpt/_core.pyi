@@ -44,6 +44,12 @@ def scan_pickle(data: bytes, max_depth: int) -> None:
 def dtype_size(dtype: str) -> int:
     """Item size in bytes of a safetensors dtype name; ``FormatError`` if unknown."""
 
+def first_gap(
+    shape: Sequence[int], boxes: Sequence[tuple[Sequence[int], Sequence[int]]]
+) -> tuple[list[int], list[int]] | None:
+    """The first region of ``shape`` that no ``(offsets, sizes)`` box covers (the boxes must not
+    overlap), as ``(offsets, sizes)``; None when they tile it, or the tiling is too fine to say."""
+
 def plan_shards(sizes: Sequence[int], max_shard_size: int) -> list[list[int]]:
     """Split tensors (byte sizes, in key order) into shards, as huggingface_hub does.
 

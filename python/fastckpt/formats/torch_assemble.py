@@ -186,13 +186,16 @@ def _place_dtensor(files: list[_RankFile], key: str, value0: DTensorRef, source:
             covered += box_numel
     shape = value0.shape
     if covered != math.prod(shape):
+        gap = _core.first_gap(shape, [(c.offsets, c.sizes) for c in chunks])
+        missing = f"; nothing holds offsets {gap[0]} (sizes {gap[1]})" if gap else ""
         hint = (
             " (a single rank's file: point at the folder holding every rank file)"
             if len(files) == 1
             else ""
         )
         raise ShapeError(
-            f"{source}: DTensor {key!r} shards cover {covered} of {math.prod(shape)} elements{hint}"
+            f"{source}: DTensor {key!r} shards cover {covered} of {math.prod(shape)} "
+            f"elements{missing}{hint}"
         )
     return _Placed(tuple(chunks))
 
