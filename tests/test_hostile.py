@@ -207,6 +207,17 @@ def test_dcp_relative_path_fifo_does_not_hang(tmp_path: Path) -> None:
     _one_line_error(res, "not a regular file", "__0_0.distcp")
 
 
+def test_rank_metadata_fifo_does_not_hang(tmp_path: Path) -> None:
+    """A FIFO named like a rank's metadata (``__0.metadata``) is refused, never opened blocking
+    (the format sniffers look inside metadata files)."""
+    ckpt = _dcp(tmp_path)
+    (ckpt / ".metadata").rename(ckpt / "__1.metadata")
+    os.mkfifo(ckpt / "__0.metadata")
+    res = _run_cli("convert", str(ckpt), str(tmp_path / "out"), timeout=60)
+    assert res.returncode != 0 and not (tmp_path / "out").exists()
+    assert "__0.metadata" in res.stderr, res.stderr
+
+
 def _megatron_dist(tmp_path: Path, relative_path: str, offset: int) -> Path:
     """A torch_dist folder whose common state is a DCP BYTE_IO item (megatron-core >= 0.19)."""
     import torch  # noqa: F401

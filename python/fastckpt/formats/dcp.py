@@ -16,7 +16,7 @@ from typing import Any
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
 from fastckpt.formats import Format
-from fastckpt.safeio import plain_name, short
+from fastckpt.safeio import plain_name, read_regular, short
 from fastckpt.unpickle import (
     METADATA_GLOBALS,
     TORCH_TO_ST,
@@ -80,7 +80,8 @@ def _load_metadata_file(path: Path) -> Metadata:
     size = path.stat().st_size
     if size > MAX_METADATA_BYTES:
         raise FormatError(f"{path}: metadata file is implausibly large ({size} bytes)")
-    md = restricted_loads(path.read_bytes(), allowed=METADATA_GLOBALS, source=str(path))
+    data = read_regular(path, limit=MAX_METADATA_BYTES)  # a FIFO or device is refused, not read
+    md = restricted_loads(data, allowed=METADATA_GLOBALS, source=str(path))
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict):
         raise FormatError(f"{path}: not a DCP metadata file (got {type(md).__name__})")
     if md.storage_data is None:

@@ -38,6 +38,7 @@ from fastckpt._core import FormatError, MappingError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
 from fastckpt.formats import Format
 from fastckpt.formats.dcp import MAX_METADATA_BYTES, DcpReader, is_dcp_dir, read_dcp
+from fastckpt.safeio import listing, open_regular
 from fastckpt.side_files import find_side_files
 from fastckpt.unpickle import Metadata
 
@@ -365,7 +366,7 @@ def map_names(cat: Catalogue, family: str, config: dict[str, Any] | None) -> Cat
 def _metadata_file(path: Path) -> Path | None:
     if (path / ".metadata").is_file():
         return path / ".metadata"
-    ranks = sorted(n for n in os.listdir(path) if re.fullmatch(r"__\d+\.metadata", n))
+    ranks = [n for n in listing(path) if re.fullmatch(r"__\d+\.metadata", n)]
     return path / ranks[0] if ranks else None
 
 
@@ -377,15 +378,20 @@ def sniff(path: Path) -> bool:
     md = _metadata_file(folder)
     if md is None:
         return False
+    try:  # never blocks on a FIFO, never reads a device: the DCP reader then refuses it
+        fd = open_regular(md)
+    except (OSError, FormatError):
+        return False
     try:
-        with open(md, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0 or size > MAX_METADATA_BYTES:
-                return False
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                return m.find(TITAN_EMBED.encode()) >= 0
+        size = os.fstat(fd).st_size
+        if size == 0 or size > MAX_METADATA_BYTES:
+            return False
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            return m.find(TITAN_EMBED.encode()) >= 0
     except (OSError, ValueError):
         return False
+    finally:
+        os.close(fd)
 
 
 def open_titan(
