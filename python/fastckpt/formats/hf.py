@@ -13,7 +13,6 @@ naming the tensor and the missing region), and one rank's file alone is refused.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from fastckpt import _core
 from fastckpt._core import FormatError, ShapeError
 from fastckpt.catalog import Catalogue, Chunk, TensorEntry, TensorMeta
 from fastckpt.formats import Format
@@ -203,11 +203,11 @@ def _read_pieces(
         shape = tuple(
             max(c.offsets[k] + c.sizes[k] for c in pieces) for k in range(len(pieces[0].sizes))
         )
-        hole = missing_region(shape, [(c.offsets, c.sizes) for c in pieces])
+        hole = _core.first_gap(shape, [(c.offsets, c.sizes) for c in pieces])
         if hole is not None:
+            region = ", ".join(f"{a}:{a + n}" for a, n in zip(*hole, strict=True))
             raise ShapeError(
-                f"{path}: tensor {name!r} of shape {list(shape)}: no piece holds "
-                f"[{', '.join(f'{a}:{b}' for a, b in hole)}]"
+                f"{path}: tensor {name!r} of shape {list(shape)}: no piece holds [{region}]"
             )
         boxes[name] = [c for c in pieces if c.data_len]
         tensors[name] = TensorMeta(name, name, dtypes[name], shape, len(pieces), True)
@@ -219,32 +219,6 @@ def _read_pieces(
         side_dirs=[directory, directory.parent] if directory.name == "sharded" else [directory],
         notes=[f"{len(ranks)} ranks' {how}"],
     )
-
-
-def missing_region(
-    shape: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]
-) -> tuple[tuple[int, int], ...] | None:
-    """The first region of ``shape`` that no box covers (as ``(start, end)`` per dim), or None
-    when the boxes cover it all. Overlaps are left to the copy engine's check."""
-    if not math.prod(shape):
-        return None
-    cuts = []
-    for k, n in enumerate(shape):
-        edges = {0, n}
-        for off, size in boxes:
-            edges.update((min(off[k], n), min(off[k] + size[k], n)))
-        ordered = sorted(edges)
-        cuts.append(list(itertools.pairwise(ordered)))
-    if math.prod(len(c) for c in cuts) > 1_000_000:  # pathological: let the engine's count decide
-        return None
-    for cell in itertools.product(*cuts):
-        inside = any(
-            all(off[k] <= a and b <= off[k] + size[k] for k, (a, b) in enumerate(cell))
-            for off, size in boxes
-        )
-        if not inside:
-            return cell
-    return None
 
 
 class _PiecesReader:
